@@ -1,0 +1,49 @@
+"""Device helpers shared by the step kernels.
+
+PyTorch evaluates each eager op in fp32 ("opmath") and rounds its result to the
+tensor's dtype. The kernels keep one fp32 register value per element and call
+``rnd`` after every op the reference performs, so fp16/bf16 results equal the
+reference op chain bit for bit. For fp32 tensors ``rnd`` compiles to nothing.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rnd(v, DTYPE: tl.constexpr):
+    """Round an fp32 value to DTYPE (nearest, ties to even) and back; a no-op for fp32."""
+    if DTYPE == tl.bfloat16:
+        # Integer rounding, because Triton's interpreter truncates fp32 -> bf16
+        # casts while the compiled kernel rounds; this way both agree with torch.
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        v = tl.where(v != v, v, u.to(tl.float32, bitcast=True))
+    elif DTYPE == tl.float16:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def sign(v):
+    """torch.sign with the CPU convention sign(0) = sign(NaN) = 0."""
+    return tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0))
+
+
+@triton.jit
+def clamp(v, lo, hi):
+    """torch.clamp(v, lo, hi) = min(max(v, lo), hi), propagating NaN like torch."""
+    return minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi)
+
+
+@triton.jit
+def minimum(a, b):
+    """torch.minimum: NaN in, NaN out (PTX min.f32 would drop it)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def sample_eps(value, value_ptr, sample, PER_SAMPLE: tl.constexpr):
+    """A budget or step size for an element's sample: the scalar, or value_ptr[sample]."""
+    if PER_SAMPLE:
+        return tl.load(value_ptr + sample).to(tl.float32)
+    return value
