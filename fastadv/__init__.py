@@ -1,10 +1,23 @@
 """fastadv: adversarial attacks for PyTorch on fused Triton kernels.
 
-A drop-in for torchattacks 3.5.1: same classes, signatures and results.
+A drop-in for torchattacks 3.5.1: same classes, signatures and results
+(``import fastadv as torchattacks``). Attack classes load on first use.
 """
 from fastadv import functional
 from fastadv.attack import Attack
-from fastadv.attacks import FGSM, PGD, PGDL2
+from fastadv.attacks import REGISTRY, resolve
 
 __version__ = "0.1.0"
-__all__ = ["Attack", "FGSM", "PGD", "PGDL2", "functional", "__version__"]
+
+
+def __getattr__(name):
+    if name in REGISTRY:
+        return resolve(name, REGISTRY)
+    raise AttributeError(f"module 'fastadv' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *REGISTRY])
+
+
+__all__ = ["Attack", "functional", "__version__", *REGISTRY]

@@ -1,10 +1,20 @@
 """Plain functions for every attack: ``attack(model, images, labels, *, budgets...)``.
 
 Each validates its inputs, runs on copies on the model's device, puts the model in
-eval mode for the attack and restores it after. Budgets may be per-sample [N] tensors.
+eval mode for the attack and restores it after. Budgets may be per-sample [N]
+tensors where the threat model allows. The classes wrap these same loops.
 """
-from fastadv.attacks.fgsm import fgsm
-from fastadv.attacks.pgd import pgd
-from fastadv.attacks.pgdl2 import pgdl2
+from fastadv.attacks import FUNCTIONS, resolve
 
-__all__ = ["fgsm", "pgd", "pgdl2"]
+
+def __getattr__(name):
+    if name in FUNCTIONS:
+        return resolve(name, FUNCTIONS)
+    raise AttributeError(f"module 'fastadv.functional' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(FUNCTIONS)
+
+
+__all__ = sorted(FUNCTIONS)

@@ -1,25 +1,26 @@
 """fastadv's Triton kernels, installed as ``fastadv.kernels``.
 
-Each module holds ``@triton.jit`` code and one launcher:
+Each public module holds ``@triton.jit`` code and its launchers (plain functions
+taking and returning tensors): ``linf`` (fused sign step, eps-ball projection and
+clip), ``l2`` (normalized step, L2-ball projection and clip), ``start`` (random
+start finish), and one module per attack family that has its own fused step.
+Modules starting with ``_`` and ``utils`` hold shared helpers.
 
-- ``linf``:  fused sign step + eps-ball projection + clip (FGSM, PGD, ...)
-- ``l2``:    fused normalized step + L2-ball projection + clip (PGDL2)
-- ``start``: random-start finish, clamp(x + noise * scale, 0, 1)
-
-``interpreted()`` returns a second copy of these modules whose kernels were
-decorated under ``TRITON_INTERPRET=1``: the same kernel code, run by Triton's
-interpreter on CPU tensors. Having both copies lets one process use the compiled
-and the interpreted kernels side by side, whatever the environment says.
+``compiled()`` and ``interpreted()`` return every launcher by name. The
+interpreted copy is a second import of these modules, decorated under
+``TRITON_INTERPRET=1``: the same kernel code run by Triton's interpreter on CPU
+tensors, usable in the same process as the compiled kernels.
 """
 import contextlib
 import functools
 import importlib
 import importlib.util
 import os
+import pathlib
 import sys
-import types
 
-MODULES = ("linf", "l2", "start")
+_HERE = pathlib.Path(__file__).parent
+MODULES = tuple(sorted(p.stem for p in _HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "utils"))
 _copies = {}
 
 
@@ -37,47 +38,52 @@ def _interpret_env():
             os.environ["TRITON_INTERPRET"] = saved
 
 
-def _interpreting(launcher):
-    """Run a launcher of the interpreted copy with TRITON_INTERPRET=1 set: Triton reads
-    it both when decorating and, lazily, while interpreting."""
+class Launchers:
+    """Every public launcher of the kernel modules, found by name (``k.linf_step``)."""
 
-    @functools.wraps(launcher)
-    def run(*args, **kwargs):
-        with _interpret_env():
-            return launcher(*args, **kwargs)
+    def __init__(self, modules, interpret: bool):
+        self._modules = modules
+        self._interpret = interpret
 
-    return run
+    def __getattr__(self, name):
+        for module in self._modules:
+            fn = module.__dict__.get(name)
+            if callable(fn) and not name.startswith("_"):
+                return self._wrap(fn) if self._interpret else fn
+        raise AttributeError(f"no kernel launcher named {name!r} in {MODULES}")
+
+    @staticmethod
+    def _wrap(launcher):
+        # Triton reads TRITON_INTERPRET when decorating and, lazily, while interpreting.
+        @functools.wraps(launcher)
+        def run(*args, **kwargs):
+            with _interpret_env():
+                return launcher(*args, **kwargs)
+
+        return run
 
 
-def _load(interpret: bool) -> types.SimpleNamespace:
+def _load(interpret: bool) -> Launchers:
+    name = __name__
     if interpret:
         name = __name__ + "_interpreted"
-        spec = importlib.util.spec_from_file_location(
-            name, __file__, submodule_search_locations=[os.path.dirname(__file__)]
-        )
+        spec = importlib.util.spec_from_file_location(name, __file__, submodule_search_locations=[str(_HERE)])
         package = importlib.util.module_from_spec(spec)
         sys.modules[name] = package
         spec.loader.exec_module(package)
-    else:
-        name = __name__
     with _interpret_env() if interpret else contextlib.nullcontext():
-        mods = {m: importlib.import_module(f"{name}.{m}") for m in MODULES}
-    wrap = _interpreting if interpret else (lambda f: f)
-    return types.SimpleNamespace(
-        linf_step=wrap(mods["linf"].linf_step),
-        l2_step=wrap(mods["l2"].l2_step),
-        random_start=wrap(mods["start"].random_start),
-    )
+        modules = [importlib.import_module(f"{name}.{m}") for m in MODULES]
+    return Launchers(modules, interpret)
 
 
-def compiled() -> types.SimpleNamespace:
+def compiled() -> Launchers:
     """The kernels as Triton compiles them for the GPU."""
     if False not in _copies:
         _copies[False] = _load(False)
     return _copies[False]
 
 
-def interpreted() -> types.SimpleNamespace:
+def interpreted() -> Launchers:
     """The same kernels run by Triton's CPU interpreter."""
     if True not in _copies:
         _copies[True] = _load(True)
