@@ -47,3 +47,16 @@ def sample_eps(value, value_ptr, sample, PER_SAMPLE: tl.constexpr):
     if PER_SAMPLE:
         return tl.load(value_ptr + sample).to(tl.float32)
     return value
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def total(v, axis):
+    """tl.sum, built on tl.reduce with our own combine function: tl.sum itself is a
+    @jit function of Triton's library, which the interpreter cannot run when Triton
+    was first imported in compiled mode. Same reduction tree as tl.sum."""
+    return tl.reduce(v, axis, _add)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import clamp, minimum, rnd, sample_eps
+from ._common import clamp, minimum, rnd, sample_eps, total
 from .utils import dense_like, eps_args
 
 MAX_ROW = 4096  # largest sample handled by the one-launch row kernel
@@ -64,10 +64,10 @@ def _l2_row_kernel(
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    d = _delta(a, x, g, _grad_norm(tl.sum(g * g, axis=0), div_eps, DT), alpha, DT)
+    d = _delta(a, x, g, _grad_norm(total(g * g, axis=0), div_eps, DT), alpha, DT)
     d = tl.where(mask, d, 0.0)
     e = sample_eps(eps, eps_ptr, sample, PER_SAMPLE_EPS)
-    out = _finish(x, d, tl.sum(d * d, axis=0), e, DT)
+    out = _finish(x, d, total(d * d, axis=0), e, DT)
     tl.store(out_ptr + offs, out.to(DT), mask=mask)
 
 
@@ -82,13 +82,13 @@ def _sumsq_tile_kernel(
     cols = tile * TILE + tl.arange(0, TILE)
     mask = cols < sample_numel
     v = tl.load(v_ptr + sample * sample_numel + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(partial_ptr + sample * n_tiles + tile, tl.sum(v * v, axis=0))
+    tl.store(partial_ptr + sample * n_tiles + tile, total(v * v, axis=0))
 
 
 @triton.jit
 def _row_sum(partial_ptr, sample, n_tiles, TILES_POW2: tl.constexpr):
     t = tl.arange(0, TILES_POW2)
-    return tl.sum(tl.load(partial_ptr + sample * n_tiles + t, mask=t < n_tiles, other=0.0), axis=0)
+    return total(tl.load(partial_ptr + sample * n_tiles + t, mask=t < n_tiles, other=0.0), axis=0)
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _l2_tile_kernel(
         out = _finish(x, d, _row_sum(dpart_ptr, sample, n_tiles, TILES_POW2), e, DT)
         tl.store(out_ptr + offs, out.to(DT), mask=mask)
     else:
-        tl.store(dpart_ptr + sample * n_tiles + tile, tl.sum(d * d, axis=0))
+        tl.store(dpart_ptr + sample * n_tiles + tile, total(d * d, axis=0))
 
 
 def l2_step(adv, x, grad, *, alpha, eps, div_eps=1e-10, out=None):
