@@ -8,7 +8,8 @@ already in [0, 1] space and on the model's device.
 import torch
 
 from fastadv import validation
-from fastadv.engine import model_device, model_guard
+from fastadv.engine import EngineOptions, model_device, model_guard
+from fastadv.loop import chunked
 
 
 def _propagate(method):
@@ -33,14 +34,18 @@ class Attack:
         model (nn.Module): model to attack; its device becomes the attack's device.
         backend (str, optional): 'auto', 'triton', 'torch' or 'interpret'
             (default: the FASTADV_BACKEND environment variable, else 'auto').
+        **engine: how the attack runs (precision, channels_last, early_stop,
+            batch_size, cuda_graph, fast); see fastadv.engine.EngineOptions.
+            The defaults are exact mode: the reference's results.
     """
 
-    def __init__(self, name, model, backend=None):
+    def __init__(self, name, model, backend=None, **engine):
         self.attack = name
         self._attacks = {}
         self.set_model(model)
         self.device = model_device(model, None)
         self.backend = backend
+        self.engine = EngineOptions(**engine)
         self.attack_mode = "default"
         self.supported_mode = ["default"]
         self.targeted = False
@@ -71,6 +76,11 @@ class Attack:
     def set_backend(self, backend):
         """Choose the backend of the step ops: 'auto', 'triton', 'torch' or 'interpret'."""
         self.backend = backend
+
+    @_propagate
+    def set_engine(self, **options):
+        """Set how the attack runs; see fastadv.engine.EngineOptions (exact mode by default)."""
+        self.engine = EngineOptions(**options)
 
     @_propagate
     def set_normalization_used(self, mean, std):
@@ -227,17 +237,25 @@ class Attack:
         )
         if inputs.shape[0] == 0:
             return inputs.detach().clone().to(self._attack_device(inputs))
+
+        def run(x):
+            index = torch.arange(x.shape[0])
+            return chunked(
+                lambda xc, idx: self.forward(xc, labels[idx] if labels is not None else None, *args, **kwargs),
+                x, index, self.engine.batch_size,
+            )
+
         with guard:
             if self._normalization_applied is True:
                 x = self.inverse_normalize(inputs)
                 validation.check_images(x, name="images (after inverse normalization)")
                 self._set_normalization_applied(False)
                 try:
-                    adv = self.forward(x, labels, *args, **kwargs)
+                    adv = run(x)
                 finally:
                     self._set_normalization_applied(True)
                 return self.normalize(adv)
-            return self.forward(inputs, labels, *args, **kwargs)
+            return run(inputs)
 
     def _needs_labels(self):
         return True

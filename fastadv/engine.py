@@ -1,11 +1,71 @@
-"""The attack loop's machinery: model state handling and input-only gradients."""
+"""The attack loop's machinery: engine options, model state handling, input-only gradients."""
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn as nn
 
 from fastadv import validation
 from fastadv.validation import check_logits
+
+
+PRECISIONS = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision):
+    """The autocast dtype of a fast-mode precision name (None: exact mode, no autocast)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(k for k in PRECISIONS if k)} or None, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How an attack runs; exact mode (the default) never changes its arithmetic.
+
+    precision: None (exact), or 'bf16' / 'fp16' to run the model's forward and
+        backward under autocast, the perturbation state staying in the image dtype
+        (fast mode: changes results; measure the agreement on your model).
+    channels_last: run on channels_last copies of 4-D images (same numbers; faster
+        convolutions, best with a model converted to channels_last too).
+    early_stop: samples that already fool the model stop being attacked; each
+        returns the first iterate that fooled it (changes the returned tensors).
+    batch_size: attack at most this many samples at once; on CUDA out-of-memory
+        the chunk is halved and the run goes on.
+    cuda_graph: capture one step as a CUDA graph and replay it (None: automatic,
+        on for CUDA tensors on the Triton backend without early stopping).
+    fast: shorthand for precision='bf16' and channels_last=True.
+    """
+
+    precision: str = None
+    channels_last: bool = False
+    early_stop: bool = False
+    batch_size: int = None
+    cuda_graph: bool = None
+    fast: bool = False
+
+    def __post_init__(self):
+        if self.fast:
+            object.__setattr__(self, "precision", self.precision or "bf16")
+            object.__setattr__(self, "channels_last", True)
+        autocast_dtype(self.precision)
+        if self.batch_size is not None:
+            if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+                raise ValueError(f"batch_size must be an int >= 1 or None, got {self.batch_size!r}")
+
+    def use_graph(self, x: torch.Tensor, backend_name: str) -> bool:
+        if self.early_stop or not x.is_cuda or backend_name != "triton":
+            return False
+        return True if self.cuda_graph is None else bool(self.cuda_graph)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the memory format the attack runs in."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+EXACT = EngineOptions()
 
 
 def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
@@ -53,14 +113,21 @@ class CrossEntropyGradient:
 
     Mirrors the reference: mean-reduced cross-entropy, `torch.autograd.grad` on the
     input only. The first call checks the model's output shape and the label range.
+    The logits of the last call stay in ``last_logits`` (for early stopping).
+
+    precision ('bf16' or 'fp16', fast mode) runs forward and backward under autocast;
+    the loss is then summed rather than averaged so fp16 gradients do not underflow
+    (sign and normalized steps do not depend on the scale).
     """
 
-    def __init__(self, forward, labels: torch.Tensor, targeted: bool = False):
+    def __init__(self, forward, labels: torch.Tensor, targeted: bool = False, precision=None):
         self.forward = forward
         self.labels = labels
         self.targeted = targeted
+        self.autocast = autocast_dtype(precision)
+        self.loss = nn.CrossEntropyLoss(reduction="mean" if self.autocast is None else "sum")
+        self.last_logits = None
         self._checked = False
-        self.loss = nn.CrossEntropyLoss()
 
     def logits(self, adv: torch.Tensor) -> torch.Tensor:
         out = self.forward(adv)
@@ -71,20 +138,35 @@ class CrossEntropyGradient:
 
     def __call__(self, adv: torch.Tensor) -> torch.Tensor:
         adv = adv.detach().requires_grad_(True)
-        with torch.enable_grad():
-            cost = self.loss(self.logits(adv), self.labels)
+        with torch.enable_grad(), torch.autocast(adv.device.type, self.autocast, enabled=self.autocast is not None):
+            logits = self.logits(adv)
+            cost = self.loss(logits.float() if self.autocast is not None else logits, self.labels)
             if self.targeted:
                 cost = -cost
+            self.last_logits = logits.detach()
             return torch.autograd.grad(cost, adv)[0]
 
+    def succeeded(self) -> torch.Tensor:
+        """Per sample: did the last evaluated point fool the model (reach the target)?"""
+        pred = self.last_logits.argmax(1)
+        return pred == self.labels if self.targeted else pred != self.labels
 
-def run_functional(core, model, images, labels, *, budgets=(), **kwargs):
+    def keep(self, mask: torch.Tensor) -> None:
+        """Drop the samples where mask is False (early stopping)."""
+        self.labels = self.labels[mask]
+
+
+def run_functional(core, model, images, labels, *, budgets=(), engine=None, **kwargs):
     """Validate, copy the inputs to the model's device, guard the model, run core.
 
-    core(model, x, y, **kwargs) is an attack loop on inputs it may own. budgets
-    names the kwargs that may be per-sample [N] tensors (validated, moved to the
-    device as fp32); the rest pass through unchanged.
+    core(model, x, y, engine=..., **kwargs) is an attack loop on inputs it may own.
+    budgets names the kwargs that may be per-sample [N] tensors (validated, moved to
+    the device as fp32). engine: an EngineOptions or a dict of its fields; its
+    batch_size chunks the run (per-sample budgets are chunked alongside).
     """
+    from fastadv.loop import chunked
+
+    engine = engine if isinstance(engine, EngineOptions) else EngineOptions(**(engine or {}))
     validation.check_images(images)
     validation.check_labels(labels, images.shape[0])
     n = images.shape[0]
@@ -95,5 +177,13 @@ def run_functional(core, model, images, labels, *, budgets=(), **kwargs):
     x = images.detach().clone().to(device)
     if n == 0:
         return x
+    y = labels.detach().clone().to(device)
+    per_sample = {k for k in budgets if isinstance(kwargs[k], torch.Tensor)}
+    index = torch.arange(n, device=device)
+
+    def run_chunk(xc, idx):
+        chunk_kwargs = {k: (v[idx] if k in per_sample else v) for k, v in kwargs.items()}
+        return core(model, xc, y[idx], engine=engine, **chunk_kwargs)
+
     with model_guard(model):
-        return core(model, x, labels.detach().clone().to(device), **kwargs)
+        return chunked(run_chunk, x, index, engine.batch_size)

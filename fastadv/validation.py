@@ -93,3 +93,10 @@ def check_steps(steps, name="steps") -> int:
     if steps < 0:
         raise ValueError(f"{name} must be >= 0, got {steps}")
     return int(steps)
+
+
+def memory_format(x: torch.Tensor):
+    """The memory format to hand results back in: channels_last if x is, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

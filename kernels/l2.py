@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import clamp, minimum, rnd, sample_eps, total
-from .utils import dense_like, eps_args
+from .utils import deliver, dense_like, output_buffer, eps_args
 
 MAX_ROW = 4096  # largest sample handled by the one-launch row kernel
 TILE = 2048  # tile of the multi-launch path
@@ -122,30 +122,29 @@ def _l2_tile_kernel(
 
 
 def l2_step(adv, x, grad, *, alpha, eps, div_eps=1e-10, out=None):
-    """Launch the fused L2 step. eps is a float or an [N] tensor; returns out."""
+    """Launch the fused L2 step. eps is a float or an [N] tensor; returns the next iterate (in out if given)."""
     adv, x, grad = dense_like(adv, x, grad)
-    if out is None:
-        out = torch.empty_like(adv)
+    buf = output_buffer(out, adv)
     n = adv.shape[0]
     if adv.numel() == 0:
-        return out
+        return deliver(out, buf)
     numel = adv.numel() // n
     eps_val, eps_ptr, per_sample = eps_args(eps, n, adv.device)
     common = dict(enable_fp_fusion=False)
     if numel <= MAX_ROW:
         block = max(16, triton.next_power_of_2(numel))
         _l2_row_kernel[(n,)](
-            adv, x, grad, out, eps_ptr, float(alpha), eps_val, float(div_eps), numel,
+            adv, x, grad, buf, eps_ptr, float(alpha), eps_val, float(div_eps), numel,
             PER_SAMPLE_EPS=per_sample, BLOCK=block, num_warps=min(max(block // 256, 1), 8), **common,
         )
-        return out
+        return deliver(out, buf)
     n_tiles = triton.cdiv(numel, TILE)
     gpart = torch.empty(n, n_tiles, device=adv.device, dtype=torch.float32)
     dpart = torch.empty_like(gpart)
     grid = (n_tiles, n)
     _sumsq_tile_kernel[grid](grad, gpart, numel, n_tiles, TILE=TILE, num_warps=8, **common)
     tiles = dict(TILE=TILE, TILES_POW2=max(2, triton.next_power_of_2(n_tiles)), num_warps=8, **common)
-    args = (adv, x, grad, out, gpart, dpart, eps_ptr, float(alpha), eps_val, float(div_eps), numel, n_tiles)
+    args = (adv, x, grad, buf, gpart, dpart, eps_ptr, float(alpha), eps_val, float(div_eps), numel, n_tiles)
     _l2_tile_kernel[grid](*args, FINISH=False, PER_SAMPLE_EPS=per_sample, **tiles)
     _l2_tile_kernel[grid](*args, FINISH=True, PER_SAMPLE_EPS=per_sample, **tiles)
-    return out
+    return deliver(out, buf)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import clamp, rnd, sample_eps, sign
-from .utils import dense_like, elementwise_settings, eps_args
+from .utils import deliver, dense_like, output_buffer, elementwise_settings, eps_args
 
 
 @triton.jit
@@ -49,19 +49,18 @@ def _linf_step_kernel(
 
 
 def linf_step(adv, x, grad, *, alpha, eps, project=True, out=None):
-    """Launch the fused Linf step. alpha and eps are floats or [N] tensors; returns out."""
+    """Launch the fused Linf step. alpha and eps are floats or [N] tensors; returns the next iterate (in out if given)."""
     adv, x, grad = dense_like(adv, x, grad)
-    if out is None:
-        out = torch.empty_like(adv)
+    buf = output_buffer(out, adv)
     n = adv.numel()
     if n == 0:
-        return out
+        return deliver(out, buf)
     eps_val, eps_ptr, per_sample_eps = eps_args(eps, adv.shape[0], adv.device)
     alpha_val, alpha_ptr, per_sample_alpha = eps_args(alpha, adv.shape[0], adv.device)
     block, num_warps = elementwise_settings(n)
     _linf_step_kernel[(triton.cdiv(n, block),)](
-        adv, x, grad, out, eps_ptr, alpha_ptr, alpha_val, eps_val, n, n // adv.shape[0],
+        adv, x, grad, buf, eps_ptr, alpha_ptr, alpha_val, eps_val, n, n // adv.shape[0],
         PROJECT=project, PER_SAMPLE_EPS=per_sample_eps, PER_SAMPLE_ALPHA=per_sample_alpha, BLOCK=block,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return out
+    return deliver(out, buf)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ._common import clamp, rnd
-from .utils import dense_like, elementwise_settings
+from .utils import deliver, dense_like, output_buffer, elementwise_settings
 
 
 @triton.jit
@@ -35,15 +35,14 @@ def _start_kernel(
 def random_start(x, noise, scale=None, out=None):
     """clamp(x + noise [* scale[:, None, None, None]], 0, 1) in one pass."""
     x, noise = dense_like(x, noise)
-    if out is None:
-        out = torch.empty_like(x)
+    buf = output_buffer(out, x)
     n = x.numel()
     if n == 0:
-        return out
+        return deliver(out, buf)
     block, num_warps = elementwise_settings(n)
     scale_arg = scale.contiguous() if scale is not None else x
     _start_kernel[(triton.cdiv(n, block),)](
-        x, noise, out, scale_arg, n, n // x.shape[0],
+        x, noise, buf, scale_arg, n, n // x.shape[0],
         SCALE=scale is not None, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
     )
-    return out
+    return deliver(out, buf)

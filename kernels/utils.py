@@ -31,3 +31,17 @@ def eps_args(eps, n_samples: int, device):
         return 0.0, eps.to(device=device, dtype=torch.float32).contiguous(), True
     # The pointer is never read when PER_SAMPLE is False; any fp32 tensor will do.
     return float(eps), torch.empty(1, device=device, dtype=torch.float32), False
+
+
+def output_buffer(out, dense: torch.Tensor) -> torch.Tensor:
+    """Where a kernel writes: out itself when it has dense's layout, else a fresh buffer."""
+    if out is not None and out.shape == dense.shape and out.stride() == dense.stride() and out.dtype == dense.dtype:
+        return out
+    return torch.empty_like(dense)
+
+
+def deliver(out, written: torch.Tensor) -> torch.Tensor:
+    """The launcher's return value: out (filled from written if needed) or written."""
+    if out is None or out is written:
+        return written
+    return out.copy_(written)

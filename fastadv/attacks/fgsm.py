@@ -1,25 +1,28 @@
 """FGSM: one signed-gradient step (Goodfellow et al., 2015). Linf."""
 from fastadv import ops, validation
 from fastadv.attack import Attack
-from fastadv.engine import CrossEntropyGradient, run_functional
+from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
 
 
-def fgsm_loop(forward, x, y, *, eps, targeted=False, backend=None):
+def fgsm_loop(forward, x, y, *, eps, targeted=False, backend=None, engine=EXACT):
     """clamp(x + eps * sign(grad), 0, 1) on inputs the caller owns."""
-    grad = CrossEntropyGradient(forward, y, targeted)(x)
-    return ops.linf_step(x, x, grad, alpha=eps, eps=eps, project=False, backend=backend)
+    xr = engine.layout(x)
+    grad = CrossEntropyGradient(forward, y, targeted, engine.precision)(xr)
+    adv = ops.linf_step(xr, xr, grad, alpha=eps, eps=eps, project=False, backend=backend)
+    return adv.contiguous(memory_format=validation.memory_format(x))
 
 
-def fgsm(model, images, labels, *, eps=8 / 255, targeted=False, backend=None):
+def fgsm(model, images, labels, *, eps=8 / 255, targeted=False, backend=None, **engine):
     """Fast Gradient Sign Method.
 
     Arguments:
         model: classifier taking images in [0, 1] and returning logits [N, C].
         images: [N, ...] floats in [0, 1]. labels: [N] class indices (the targets when targeted).
         eps: Linf budget, a float or a per-sample [N] tensor.
+        **engine: fastadv.engine.EngineOptions (precision, channels_last, batch_size, ...).
     Returns the adversarial images on the model's device. Bit-exact with torchattacks.FGSM.
     """
-    return run_functional(fgsm_loop, model, images, labels, budgets=("eps",), eps=eps, targeted=targeted, backend=backend)
+    return run_functional(fgsm_loop, model, images, labels, budgets=("eps",), engine=engine, eps=eps, targeted=targeted, backend=backend)
 
 
 class FGSM(Attack):
@@ -30,6 +33,7 @@ class FGSM(Attack):
     Arguments:
         model (nn.Module): model to attack.
         eps (float): maximum perturbation. (Default: 8/255)
+        backend, **engine: see fastadv.Attack.
 
     Shape:
         images: (N, C, H, W) in [0, 1]; labels: (N,); output: (N, C, H, W).
@@ -39,11 +43,12 @@ class FGSM(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, *, backend=None):
-        super().__init__("FGSM", model, backend=backend)
+    def __init__(self, model, eps=8 / 255, *, backend=None, **engine):
+        super().__init__("FGSM", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.supported_mode = ["default", "targeted"]
 
     def forward(self, images, labels):
         x, y = self._prepare(images, labels)
-        return fgsm_loop(self.get_logits, x, self._targets(x, y), eps=self.eps, targeted=self.targeted, backend=self.backend)
+        return fgsm_loop(self.get_logits, x, self._targets(x, y), eps=self.eps, targeted=self.targeted,
+                         backend=self.backend, engine=self.engine)

@@ -1,9 +1,10 @@
 """PGD with Linf budget (Madry et al., 2018)."""
 import torch
 
-from fastadv import ops, validation
+from fastadv import loop, ops, validation
 from fastadv.attack import Attack
-from fastadv.engine import CrossEntropyGradient, run_functional
+from fastadv.backend import resolve
+from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
 
 
 def uniform_start(x, eps, backend=None):
@@ -13,16 +14,24 @@ def uniform_start(x, eps, backend=None):
     return ops.random_start(x, torch.empty_like(x).uniform_(-eps, eps), backend=backend)
 
 
-def pgd_loop(forward, x, y, *, eps, alpha, steps, random_start=True, targeted=False, backend=None):
+def pgd_loop(forward, x, y, *, eps, alpha, steps, random_start=True, targeted=False, backend=None, engine=EXACT):
     """The PGD iteration on inputs the caller owns; returns the last iterate."""
-    grad = CrossEntropyGradient(forward, y, targeted)
-    adv = uniform_start(x, eps, backend) if random_start else x
-    for _ in range(steps):
-        adv = ops.linf_step(adv, x, grad(adv), alpha=alpha, eps=eps, backend=backend)
-    return adv
+    fmt = validation.memory_format(x)
+    x = engine.layout(x)
+    grad = CrossEntropyGradient(forward, y, targeted, engine.precision)
+    adv = uniform_start(x, eps, backend) if random_start else x.clone()
+
+    def update(adv, g, x, eps, alpha, out=None):
+        return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out)
+
+    adv = loop.run(
+        update, grad, adv, steps, {"x": x, "eps": eps, "alpha": alpha}, early_stop=engine.early_stop,
+        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=forward,
+    )
+    return adv.contiguous(memory_format=fmt)
 
 
-def pgd(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, targeted=False, backend=None):
+def pgd(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, targeted=False, backend=None, **engine):
     """Projected gradient descent in the Linf ball.
 
     Arguments:
@@ -30,11 +39,12 @@ def pgd(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, random_s
         images: [N, ...] floats in [0, 1]. labels: [N] class indices (the targets when targeted).
         eps, alpha: budget and step size, floats or per-sample [N] tensors.
         steps: iterations. random_start: start from a uniform point in the eps-ball.
+        **engine: fastadv.engine.EngineOptions (precision, channels_last, early_stop, batch_size, cuda_graph).
     Returns the adversarial images on the model's device. Bit-exact with torchattacks.PGD
     for float eps and alpha (a per-sample eps draws its start as U(-1, 1) * eps).
     """
     return run_functional(
-        pgd_loop, model, images, labels, budgets=("eps", "alpha"), eps=eps, alpha=alpha,
+        pgd_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
         steps=validation.check_steps(steps), random_start=random_start, targeted=targeted, backend=backend,
     )
 
@@ -52,6 +62,7 @@ class PGD(Attack):
         alpha (float): step size. (Default: 2/255)
         steps (int): number of steps. (Default: 10)
         random_start (bool): start from a uniform point in the eps-ball. (Default: True)
+        backend, **engine: see fastadv.Attack (exact mode by default).
 
     Shape:
         images: (N, C, H, W) in [0, 1]; labels: (N,); output: (N, C, H, W).
@@ -61,8 +72,8 @@ class PGD(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *, backend=None):
-        super().__init__("PGD", model, backend=backend)
+    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *, backend=None, **engine):
+        super().__init__("PGD", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)
         self.steps = validation.check_steps(steps)
@@ -73,5 +84,5 @@ class PGD(Attack):
         x, y = self._prepare(images, labels)
         return pgd_loop(
             self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
-            random_start=self.random_start, targeted=self.targeted, backend=self.backend,
+            random_start=self.random_start, targeted=self.targeted, backend=self.backend, engine=self.engine,
         )

@@ -1,9 +1,10 @@
 """PGD with L2 budget (Madry et al., 2018)."""
 import torch
 
-from fastadv import ops, reference, validation
+from fastadv import loop, ops, reference, validation
 from fastadv.attack import Attack
-from fastadv.engine import CrossEntropyGradient, run_functional
+from fastadv.backend import resolve
+from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
 
 
 def l2_start(x, eps, backend=None):
@@ -18,16 +19,26 @@ def l2_start(x, eps, backend=None):
     return ops.random_start(x, delta, scale, backend=backend)
 
 
-def pgdl2_loop(forward, x, y, *, eps, alpha, steps, random_start=True, eps_for_division=1e-10, targeted=False, backend=None):
+def pgdl2_loop(forward, x, y, *, eps, alpha, steps, random_start=True, eps_for_division=1e-10, targeted=False,
+               backend=None, engine=EXACT):
     """The PGDL2 iteration on inputs the caller owns; returns the last iterate."""
-    grad = CrossEntropyGradient(forward, y, targeted)
-    adv = l2_start(x, eps, backend) if random_start else x
-    for _ in range(steps):
-        adv = ops.l2_step(adv, x, grad(adv), alpha=alpha, eps=eps, div_eps=eps_for_division, backend=backend)
-    return adv
+    fmt = validation.memory_format(x)
+    x = engine.layout(x)
+    grad = CrossEntropyGradient(forward, y, targeted, engine.precision)
+    adv = l2_start(x, eps, backend) if random_start else x.clone()
+
+    def update(adv, g, x, eps, out=None):
+        return ops.l2_step(adv, x, g, alpha=alpha, eps=eps, div_eps=eps_for_division, backend=backend, out=out)
+
+    adv = loop.run(
+        update, grad, adv, steps, {"x": x, "eps": eps}, early_stop=engine.early_stop,
+        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=forward,
+    )
+    return adv.contiguous(memory_format=fmt)
 
 
-def pgdl2(model, images, labels, *, eps=1.0, alpha=0.2, steps=10, random_start=True, eps_for_division=1e-10, targeted=False, backend=None):
+def pgdl2(model, images, labels, *, eps=1.0, alpha=0.2, steps=10, random_start=True, eps_for_division=1e-10,
+          targeted=False, backend=None, **engine):
     """Projected gradient descent in the L2 ball.
 
     Arguments:
@@ -35,12 +46,13 @@ def pgdl2(model, images, labels, *, eps=1.0, alpha=0.2, steps=10, random_start=T
         images: [N, ...] floats in [0, 1]. labels: [N] class indices (the targets when targeted).
         eps: L2 budget, a float or a per-sample [N] tensor. alpha: step size (float).
         steps: iterations. random_start: start from the reference's random point in the ball.
+        **engine: fastadv.engine.EngineOptions (precision, channels_last, early_stop, batch_size, cuda_graph).
     Returns the adversarial images on the model's device. The 'torch' backend is
     bit-exact with torchattacks.PGDL2; the Triton kernels sum the norms in another
     order (see tests/test_kernels.py for the bound).
     """
     return run_functional(
-        pgdl2_loop, model, images, labels, budgets=("eps",), eps=eps,
+        pgdl2_loop, model, images, labels, budgets=("eps",), engine=engine, eps=eps,
         alpha=validation.check_budget(alpha, "alpha", positive=True), steps=validation.check_steps(steps),
         random_start=random_start, eps_for_division=eps_for_division, targeted=targeted, backend=backend,
     )
@@ -62,6 +74,7 @@ class PGDL2(Attack):
         steps (int): number of steps. (Default: 10)
         random_start (bool): using random initialization of delta. (Default: True)
         eps_for_division (float): added to the gradient norm before dividing. (Default: 1e-10)
+        backend, **engine: see fastadv.Attack (exact mode by default).
 
     Shape:
         images: (N, C, H, W) in [0, 1]; labels: (N,); output: (N, C, H, W).
@@ -71,8 +84,9 @@ class PGDL2(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, eps_for_division=1e-10, *, backend=None):
-        super().__init__("PGDL2", model, backend=backend)
+    def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, eps_for_division=1e-10, *, backend=None,
+                 **engine):
+        super().__init__("PGDL2", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)
         self.steps = validation.check_steps(steps)
@@ -85,5 +99,5 @@ class PGDL2(Attack):
         return pgdl2_loop(
             self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
             random_start=self.random_start, eps_for_division=self.eps_for_division,
-            targeted=self.targeted, backend=self.backend,
+            targeted=self.targeted, backend=self.backend, engine=self.engine,
         )
