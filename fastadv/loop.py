@@ -103,8 +103,13 @@ def chunked(fn, x, y, batch_size):
 
 
 def _retry_on_oom(fn, x, y, size, return_size=False):
-    cuda = x.is_cuda
-    state = torch.cuda.get_rng_state(x.device) if cuda else None
+    def rng_state():
+        return torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
+
+    def set_rng_state(state):
+        torch.cuda.set_rng_state(state, x.device) if x.is_cuda else torch.set_rng_state(state)
+
+    state = rng_state()
     while True:
         try:
             out = fn(x[:size], y[:size])
@@ -113,7 +118,7 @@ def _retry_on_oom(fn, x, y, size, return_size=False):
             if size == 1:
                 raise
             torch.cuda.empty_cache()
-            torch.cuda.set_rng_state(state, x.device)
+            set_rng_state(state)  # the retry draws the same random start
             size = (size + 1) // 2
             warnings.warn(f"fastadv: CUDA out of memory; continuing with chunks of {size}", stacklevel=4)
 
