@@ -39,8 +39,14 @@ def l2_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 def l2_step(adv, x, grad, *, alpha, eps, div_eps=1e-10):
-    """PGDL2's step: normalized gradient step, then projection onto the L2 ball and [0, 1]."""
-    grad = grad / per_sample(l2_norm(grad) + div_eps, grad)
+    """PGDL2's step: normalized gradient step, then projection onto the L2 ball and [0, 1].
+
+    Where torchattacks produces NaN, a sample takes no step instead: a gradient norm
+    of 0 (div_eps underflows in fp16) or not finite, or eps = 0 with a zero delta.
+    Everywhere else the result is bit-identical to torchattacks'.
+    """
+    gn = per_sample(l2_norm(grad) + div_eps, grad)
+    grad = torch.where((gn > 0) & torch.isfinite(gn), grad / gn, 0.0)
     adv = adv + alpha * grad
     delta = adv - x
     dn = l2_norm(delta)
@@ -48,7 +54,7 @@ def l2_step(adv, x, grad, *, alpha, eps, div_eps=1e-10):
         factor = (eps.to(torch.float32) / dn.float()).to(dn.dtype)
     else:
         factor = eps / dn
-    factor = torch.min(factor, torch.ones_like(dn))
+    factor = torch.where(dn > 0, torch.min(factor, torch.ones_like(dn)), 1.0)
     return torch.clamp(x + delta * per_sample(factor, delta), min=0, max=1)
 
 
@@ -57,3 +63,18 @@ def random_start(x, noise, scale=None):
     if scale is not None:
         noise = (noise * per_sample(scale, noise)).to(noise.dtype)
     return torch.clamp(x + noise, min=0, max=1)
+
+
+# --- MIFGSM ---
+
+
+def mifgsm_step(adv, x, grad, momentum, *, alpha, eps, decay=1.0):
+    """MIFGSM's step; returns (next iterate, new momentum).
+
+    grad / mean(|grad|) per sample, plus momentum * decay, then the Linf sign step,
+    projection and clip. An all-zero gradient gives NaN momentum and, since
+    sign(NaN) = 0 on the CPU, a frozen sample, as in the reference.
+    """
+    grad = grad / torch.mean(torch.abs(grad), dim=tuple(range(1, grad.dim())), keepdim=True)
+    momentum = grad + momentum * decay
+    return linf_step(adv, x, momentum, alpha=alpha, eps=eps), momentum

@@ -12,6 +12,8 @@ sums of delta^2, then the write, recomputing delta rather than storing it.
 
 Elementwise ops are rounded like the reference; the sums run in fp32 in a tree
 order that differs from torch.norm's, so norms may differ in the last bits.
+Where the reference would produce NaN (a zero gradient whose 1e-10 underflows in
+fp16, a non-finite gradient, eps = 0 with a zero delta) the sample takes no step.
 """
 import torch
 import triton
@@ -32,17 +34,18 @@ def _grad_norm(sumsq, div_eps, DT: tl.constexpr):
 
 @triton.jit
 def _delta(a, x, g, gnorm, alpha, DT: tl.constexpr):
-    """adv + alpha * grad / gnorm - x."""
+    """adv + alpha * grad / gnorm - x; no step where gnorm is 0 or not finite."""
     g = rnd(tl.div_rn(g, gnorm), DT)
+    g = tl.where((gnorm > 0) & (gnorm < float("inf")), g, 0.0)
     a = rnd(a + rnd(alpha * g, DT), DT)
     return rnd(a - x, DT)
 
 
 @triton.jit
 def _finish(x, d, dsumsq, eps, DT: tl.constexpr):
-    """clamp(x + delta * min(eps / ||delta||, 1), 0, 1)."""
+    """clamp(x + delta * min(eps / ||delta||, 1), 0, 1); factor 1 for a zero delta."""
     dn = rnd(tl.sqrt_rn(dsumsq), DT)
-    factor = minimum(rnd(tl.div_rn(eps, dn), DT), 1.0)
+    factor = tl.where(dn > 0, minimum(rnd(tl.div_rn(eps, dn), DT), 1.0), 1.0)
     return clamp(rnd(x + rnd(d * factor, DT), DT), 0.0, 1.0)
 
 

@@ -122,3 +122,19 @@ def test_int64_offsets_logic(k):
     adv, x, grad = make_inputs((257, 1, 1, 3), torch.float32, 0.0)
     eps = torch.rand(257) * 0.1
     assert_equal(k.linf_step(adv, x, grad, alpha=0.05, eps=eps), reference.linf_step(adv, x, grad, alpha=0.05, eps=eps))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_l2_degenerate_gradients_take_no_step(k, dtype):
+    """Zero, NaN and inf gradients, and eps = 0: the reference gives NaN; the twin and the
+    kernel leave such a sample where it is, and never output NaN."""
+    adv, x, grad = make_inputs((4, 3, 5, 7), dtype, 0.5)
+    grad[0] = 0
+    grad[1, 0, 0, 0] = float("nan")
+    grad[2, 1, 2, 3] = float("inf")
+    for eps in (0.5, 0.0):
+        expected = reference.l2_step(adv, x, grad, alpha=0.2, eps=eps)
+        assert not expected.isnan().any()
+        assert_close(k.l2_step(adv, x, grad, alpha=0.2, eps=eps, out=poisoned_like(adv)), expected, L2_KERNEL_ATOL[dtype])
+    moved = reference.l2_step(x, x, grad, alpha=0.2, eps=0.5)
+    assert_equal(moved[:3], x[:3])  # no step where the gradient is degenerate
