@@ -128,6 +128,7 @@ class CrossEntropyGradient:
         self.loss = nn.CrossEntropyLoss(reduction="mean" if self.autocast is None else "sum")
         self.last_logits = None
         self._checked = False
+        self._batch = None  # set once early stopping drops samples: the original batch size
 
     def logits(self, adv: torch.Tensor) -> torch.Tensor:
         out = self.forward(adv)
@@ -140,7 +141,11 @@ class CrossEntropyGradient:
         adv = adv.detach().requires_grad_(True)
         with torch.enable_grad(), torch.autocast(adv.device.type, self.autocast, enabled=self.autocast is not None):
             logits = self.logits(adv)
-            cost = self.loss(logits.float() if self.autocast is not None else logits, self.labels)
+            logits_ = logits.float() if self.autocast is not None else logits
+            if self._batch is None:
+                cost = self.loss(logits_, self.labels)
+            else:  # the full batch's 1/N scale, so each sample's gradient is as if none had left
+                cost = nn.functional.cross_entropy(logits_, self.labels, reduction="sum") / self._batch
             if self.targeted:
                 cost = -cost
             self.last_logits = logits.detach()
@@ -153,6 +158,8 @@ class CrossEntropyGradient:
 
     def keep(self, mask: torch.Tensor) -> None:
         """Drop the samples where mask is False (early stopping)."""
+        if self._batch is None and self.loss.reduction == "mean":
+            self._batch = float(mask.shape[0])
         self.labels = self.labels[mask]
 
 

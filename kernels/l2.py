@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import clamp, minimum, rnd, sample_eps, total
-from .utils import deliver, dense_like, output_buffer, eps_args
+from .utils import deliver, dense_like, eps_args, fp32, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch row kernel
 TILE = 2048  # tile of the multi-launch path
@@ -137,7 +137,7 @@ def l2_step(adv, x, grad, *, alpha, eps, div_eps=1e-10, out=None):
     if numel <= MAX_ROW:
         block = max(16, triton.next_power_of_2(numel))
         _l2_row_kernel[(n,)](
-            adv, x, grad, buf, eps_ptr, float(alpha), eps_val, float(div_eps), numel,
+            adv, x, grad, buf, eps_ptr, fp32(alpha), eps_val, fp32(div_eps), numel,
             PER_SAMPLE_EPS=per_sample, BLOCK=block, num_warps=min(max(block // 256, 1), 8), **common,
         )
         return deliver(out, buf)
@@ -147,7 +147,7 @@ def l2_step(adv, x, grad, *, alpha, eps, div_eps=1e-10, out=None):
     grid = (n_tiles, n)
     _sumsq_tile_kernel[grid](grad, gpart, numel, n_tiles, TILE=TILE, num_warps=8, **common)
     tiles = dict(TILE=TILE, TILES_POW2=max(2, triton.next_power_of_2(n_tiles)), num_warps=8, **common)
-    args = (adv, x, grad, buf, gpart, dpart, eps_ptr, float(alpha), eps_val, float(div_eps), numel, n_tiles)
+    args = (adv, x, grad, buf, gpart, dpart, eps_ptr, fp32(alpha), eps_val, fp32(div_eps), numel, n_tiles)
     _l2_tile_kernel[grid](*args, FINISH=False, PER_SAMPLE_EPS=per_sample, **tiles)
     _l2_tile_kernel[grid](*args, FINISH=True, PER_SAMPLE_EPS=per_sample, **tiles)
     return deliver(out, buf)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import clamp, rnd, sample_eps, sign, total
-from .utils import dense_like, eps_args
+from .utils import deliver, dense_like, eps_args, fp32, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch row kernel
 TILE = 2048  # tile of the two-launch path
@@ -119,36 +119,35 @@ def _mifgsm_tile_kernel(
 
 
 def mifgsm_step(adv, x, grad, momentum, *, alpha, eps, decay=1.0, out=None, momentum_out=None):
-    """Launch the fused MIFGSM step; returns (out, momentum_out).
+    """Launch the fused MIFGSM step; returns (next iterate, new momentum).
 
-    alpha and eps are floats or [N] tensors; decay is a float. The outputs take
-    adv's layout (contiguous or channels_last) and must not alias the inputs.
+    alpha and eps are floats or [N] tensors; decay is a float. out and momentum_out
+    (optional) receive the results and may be adv and momentum themselves: every
+    element is read and written by the same program, and the |grad| sums read grad only.
     """
     adv, x, grad, momentum = dense_like(adv, x, grad, momentum)
-    if out is None:
-        out = torch.empty_like(adv)
-    if momentum_out is None:
-        momentum_out = torch.empty_like(adv)
+    buf, mom_buf = output_buffer(out, adv), output_buffer(momentum_out, adv)
     n = adv.shape[0]
     if adv.numel() == 0:
-        return out, momentum_out
+        return deliver(out, buf), deliver(momentum_out, mom_buf)
     numel = adv.numel() // n
     eps_val, eps_ptr, per_sample_eps = eps_args(eps, n, adv.device)
     alpha_val, alpha_ptr, per_sample_alpha = eps_args(alpha, n, adv.device)
+    scalars = (eps_ptr, alpha_ptr, alpha_val, eps_val, fp32(decay))
     modes = dict(PER_SAMPLE_EPS=per_sample_eps, PER_SAMPLE_ALPHA=per_sample_alpha, enable_fp_fusion=False)
     if numel <= MAX_ROW:
         block = max(16, triton.next_power_of_2(numel))
         _mifgsm_row_kernel[(n,)](
-            adv, x, grad, momentum, out, momentum_out, eps_ptr, alpha_ptr, alpha_val, eps_val, float(decay), numel, float(numel),
+            adv, x, grad, momentum, buf, mom_buf, *scalars, numel, fp32(numel),
             BLOCK=block, num_warps=min(max(block // 256, 1), 8), **modes,
         )
-        return out, momentum_out
+        return deliver(out, buf), deliver(momentum_out, mom_buf)
     n_tiles = triton.cdiv(numel, TILE)
     partial = torch.empty(n, n_tiles, device=adv.device, dtype=torch.float32)
     grid = (n_tiles, n)
     _abs_sum_tile_kernel[grid](grad, partial, numel, n_tiles, TILE=TILE, num_warps=8, enable_fp_fusion=False)
     _mifgsm_tile_kernel[grid](
-        adv, x, grad, momentum, out, momentum_out, partial, eps_ptr, alpha_ptr, alpha_val, eps_val, float(decay),
-        numel, float(numel), n_tiles, TILE=TILE, TILES_POW2=max(2, triton.next_power_of_2(n_tiles)), num_warps=8, **modes,
+        adv, x, grad, momentum, buf, mom_buf, partial, *scalars, numel, fp32(numel), n_tiles,
+        TILE=TILE, TILES_POW2=max(2, triton.next_power_of_2(n_tiles)), num_warps=8, **modes,
     )
-    return out, momentum_out
+    return deliver(out, buf), deliver(momentum_out, mom_buf)

@@ -25,12 +25,18 @@ def dense_like(ref: torch.Tensor, *others: torch.Tensor):
     return [t.contiguous(memory_format=fmt) for t in (ref, *others)]
 
 
+def fp32(value) -> float:
+    """A Python float rounded to fp32, as PyTorch and compiled Triton pass scalars. (The
+    interpreter would type a float that fp32 cannot hold, like 1e-150, as fp64.)"""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
 def eps_args(eps, n_samples: int, device):
     """(scalar, pointer tensor, per_sample flag) for a float or [N] tensor budget or step."""
     if isinstance(eps, torch.Tensor):
         return 0.0, eps.to(device=device, dtype=torch.float32).contiguous(), True
     # The pointer is never read when PER_SAMPLE is False; any fp32 tensor will do.
-    return float(eps), torch.empty(1, device=device, dtype=torch.float32), False
+    return fp32(eps), torch.empty(1, device=device, dtype=torch.float32), False
 
 
 def output_buffer(out, dense: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Property tests (hypothesis): for random shapes, budgets, dtypes and seeds on small
+random models, every attack returns finite images inside its threat model and [0, 1],
+leaves its inputs and the model untouched, and repeats itself for the same seed."""
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastadv
+
+BACKENDS = ["torch", pytest.param("interpret", marks=pytest.mark.interpreter)]
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, channels, classes, dtype, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+        self.head = nn.Linear(4, classes)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+CASES = st.fixed_dictionaries({
+    "n": st.integers(1, 6),
+    "c": st.integers(1, 3),
+    "h": st.integers(1, 9),
+    "w": st.integers(1, 9),
+    "classes": st.integers(2, 7),
+    "dtype": st.sampled_from([torch.float32, torch.bfloat16]),
+    "seed": st.integers(0, 2**16),
+    "eps": st.floats(0.0, 0.5),
+    "alpha": st.floats(1e-3, 0.3),
+    "steps": st.integers(0, 4),
+})
+
+LINF = {
+    "FGSM": lambda m, p: fastadv.FGSM(m, eps=p["eps"]),
+    "PGD": lambda m, p: fastadv.PGD(m, eps=p["eps"], alpha=p["alpha"], steps=p["steps"]),
+}
+L2 = {
+    "PGDL2": lambda m, p: fastadv.PGDL2(m, eps=p["eps"] * 4, alpha=p["alpha"] * 4, steps=p["steps"]),
+}
+
+
+def check_attack(make, norm, scale, p, backend):
+    model = TinyNet(p["c"], p["classes"], p["dtype"], p["seed"]).eval()
+    g = torch.Generator().manual_seed(p["seed"])
+    x = torch.rand(p["n"], p["c"], p["h"], p["w"], generator=g).to(p["dtype"])
+    y = torch.randint(0, p["classes"], (p["n"],), generator=g)
+    x0, y0 = x.clone(), y.clone()
+    flags = [q.requires_grad for q in model.parameters()]
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(p["seed"])
+        atk = make(model, p)
+        atk.set_backend(backend)
+        outs.append(atk(x, y))
+    adv = outs[0]
+    assert torch.equal(outs[0], outs[1]), "same seed, different output"
+    assert adv.shape == x.shape and adv.dtype == x.dtype
+    assert torch.isfinite(adv).all()
+    assert adv.min() >= 0 and adv.max() <= 1
+    d = (adv.double() - x.double()).flatten(1)
+    dist = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    eps = p["eps"] * scale
+    slack = 2e-6 if p["dtype"] == torch.float32 else 2e-2  # rounding of x + delta in the image dtype
+    assert (dist <= eps + slack * (1 if norm == "linf" else x[0].numel() ** 0.5)).all(), (dist.max(), eps)
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert not model.training and [q.requires_grad for q in model.parameters()] == flags
+    assert all(q.grad is None for q in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(LINF))
+@SETTINGS
+@given(p=CASES)
+def test_linf_attack_properties(name, backend, p):
+    check_attack(LINF[name], "linf", 1, p, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(L2))
+@SETTINGS
+@given(p=CASES)
+def test_l2_attack_properties(name, backend, p):
+    check_attack(L2[name], "l2", 4, p, backend)
