@@ -8,7 +8,7 @@ def fgsm_loop(forward, x, y, *, eps, targeted=False, backend=None, engine=EXACT)
     """clamp(x + eps * sign(grad), 0, 1) on inputs the caller owns."""
     xr = engine.layout(x)
     grad = CrossEntropyGradient(forward, y, targeted, engine.precision)(xr)
-    adv = ops.linf_step(xr, xr, grad, alpha=eps, eps=eps, project=False, backend=backend)
+    adv = ops.linf_step(xr, xr, grad, alpha=eps, eps=eps, project=False, backend=backend, consume_grad=True)
     return adv.contiguous(memory_format=validation.memory_format(x))
 
 

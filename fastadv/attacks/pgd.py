@@ -22,7 +22,7 @@ def pgd_loop(forward, x, y, *, eps, alpha, steps, random_start=True, targeted=Fa
     adv = uniform_start(x, eps, backend) if random_start else x.clone()
 
     def update(adv, g, x, eps, alpha, out=None):
-        return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out)
+        return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out, consume_grad=True)
 
     adv = loop.run(
         update, grad, adv, steps, {"x": x, "eps": eps, "alpha": alpha}, early_stop=engine.early_stop,

@@ -28,7 +28,8 @@ def pgdl2_loop(forward, x, y, *, eps, alpha, steps, random_start=True, eps_for_d
     adv = l2_start(x, eps, backend) if random_start else x.clone()
 
     def update(adv, g, x, eps, out=None):
-        return ops.l2_step(adv, x, g, alpha=alpha, eps=eps, div_eps=eps_for_division, backend=backend, out=out)
+        return ops.l2_step(adv, x, g, alpha=alpha, eps=eps, div_eps=eps_for_division, backend=backend, out=out,
+                           consume_grad=True)
 
     adv = loop.run(
         update, grad, adv, steps, {"x": x, "eps": eps}, early_stop=engine.early_stop,

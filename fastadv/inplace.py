@@ -1,0 +1,51 @@
+"""The torch backend's step ops as the attack loops run them: the reference
+arithmetic of fastadv.reference, op for op, but in place in the gradient's buffer.
+
+On the CPU an eager op chain is dominated by allocating (and page-faulting) a fresh
+image-sized buffer per op; reusing the gradient's storage removes that. Addition is
+commutative in IEEE arithmetic, so ``alpha * sign(g) + adv`` equals the reference's
+``adv + alpha * sign(g)`` bit for bit; tests/test_inplace.py checks every op here
+against its twin. Each function consumes ``grad`` and returns it holding the result.
+"""
+import torch
+
+from fastadv.reference import l2_norm, per_sample
+
+
+def _scale_(t: torch.Tensor, factor) -> torch.Tensor:
+    """t *= factor, a float or an [N] tensor applied in fp32 and rounded to t's dtype."""
+    if isinstance(factor, torch.Tensor):
+        return t.mul_(per_sample(factor.to(torch.float32), t))
+    return t.mul_(factor)
+
+
+def _clamp_eps_(d: torch.Tensor, eps) -> torch.Tensor:
+    if isinstance(eps, torch.Tensor):
+        e = per_sample(eps.to(torch.float32), d)
+        return d.clamp_(min=-e, max=e)
+    return d.clamp_(min=-eps, max=eps)
+
+
+def linf_step_(adv, x, grad, *, alpha, eps, project=True):
+    """reference.linf_step, computed in grad's buffer."""
+    s = _scale_(grad.sign_(), alpha).add_(adv)
+    if project:
+        s = _clamp_eps_(s.sub_(x), eps).add_(x)
+    return s.clamp_(min=0, max=1)
+
+
+def l2_step_(adv, x, grad, *, alpha, eps, div_eps=1e-10):
+    """reference.l2_step, computed in grad's buffer."""
+    gn = l2_norm(grad) + div_eps
+    grad.div_(per_sample(gn, grad))
+    ok = (gn > 0) & torch.isfinite(gn)
+    if not ok.all():  # a host check on an [N] vector; cheap on the CPU this path serves
+        grad[~ok] = 0
+    d = grad.mul_(alpha).add_(adv).sub_(x)
+    dn = l2_norm(d)
+    if isinstance(eps, torch.Tensor):
+        factor = (eps.to(torch.float32) / dn.float()).to(dn.dtype)
+    else:
+        factor = eps / dn
+    factor = torch.where(dn > 0, torch.min(factor, torch.ones_like(dn)), 1.0)
+    return d.mul_(per_sample(factor, d)).add_(x).clamp_(min=0, max=1)

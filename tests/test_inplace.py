@@ -1,0 +1,34 @@
+"""The in-place CPU step ops equal their reference twins bit for bit."""
+import pytest
+import torch
+
+from fastadv import inplace, reference
+from helpers import assert_equal
+
+CASES = [(1, 1, 1, 1), (3, 3, 7, 5), (16, 1, 8, 8)]
+
+
+def inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g)
+    adv = (x + (torch.rand(shape, generator=g) * 2 - 1) * 0.05).clamp(0, 1)
+    grad = torch.randn(shape, generator=g)
+    grad[0] = 0  # a degenerate sample
+    return [t.to(dtype) for t in (adv, x, grad)]
+
+
+@pytest.mark.parametrize("shape", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inplace_equals_twin(shape, dtype, channels_last):
+    adv, x, grad = inputs(shape, dtype)
+    if channels_last:
+        adv, x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (adv, x, grad))
+    n = shape[0]
+    for eps, alpha in ((8 / 255, 2 / 255), (torch.linspace(0, 0.1, n), torch.linspace(0.01, 0.02, n))):
+        for project in (True, False):
+            expected = reference.linf_step(adv, x, grad, alpha=alpha, eps=eps, project=project)
+            assert_equal(inplace.linf_step_(adv, x, grad.clone(), alpha=alpha, eps=eps, project=project), expected)
+    for eps in (0.5, torch.linspace(0, 1, n), 0.0):
+        expected = reference.l2_step(adv, x, grad, alpha=0.2, eps=eps)
+        assert_equal(inplace.l2_step_(adv, x, grad.clone(), alpha=0.2, eps=eps), expected)
