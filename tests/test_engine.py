@@ -158,3 +158,19 @@ def test_cuda_graph_equals_eager_and_falls_back():
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="capture failed"):
         assert_equal(F.pgd(bad, x, y, cuda_graph=True), eager)
+
+
+def test_channels_last_option_keeps_exact_numbers(trained_models, digits):
+    """channels_last=True draws the random start in the caller's layout, so the result
+    equals torchattacks' (3-channel inputs, where the layouts differ)."""
+    torchattacks = pytest.importorskip("torchattacks")
+    _, (x, y) = digits
+    x3, y3 = x[:32].repeat(1, 3, 1, 1), y[:32]
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1), trained_models["cnn"]).eval()
+    for name in ("PGD", "PGDL2"):
+        torch.manual_seed(0)
+        expected = getattr(torchattacks, name)(model)(x3, y3)
+        torch.manual_seed(0)
+        actual = getattr(fastadv, name)(model, channels_last=True)(x3, y3)
+        assert torch.allclose(actual, expected, atol=1e-6, rtol=0), name  # conv kernels differ per layout
+        assert actual.is_contiguous()

@@ -17,9 +17,9 @@ def uniform_start(x, eps, backend=None):
 def pgd_loop(forward, x, y, *, eps, alpha, steps, random_start=True, targeted=False, backend=None, engine=EXACT):
     """The PGD iteration on inputs the caller owns; returns the last iterate."""
     fmt = validation.memory_format(x)
-    x = engine.layout(x)
+    adv = uniform_start(x, eps, backend) if random_start else x.clone()  # noise in the caller's layout
+    adv, x = engine.layout(adv), engine.layout(x)
     grad = CrossEntropyGradient(forward, y, targeted, engine.precision)
-    adv = uniform_start(x, eps, backend) if random_start else x.clone()
 
     def update(adv, g, x, eps, alpha, out=None):
         return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out, consume_grad=True)

@@ -23,9 +23,9 @@ def pgdl2_loop(forward, x, y, *, eps, alpha, steps, random_start=True, eps_for_d
                backend=None, engine=EXACT):
     """The PGDL2 iteration on inputs the caller owns; returns the last iterate."""
     fmt = validation.memory_format(x)
-    x = engine.layout(x)
+    adv = l2_start(x, eps, backend) if random_start else x.clone()  # noise in the caller's layout
+    adv, x = engine.layout(adv), engine.layout(x)
     grad = CrossEntropyGradient(forward, y, targeted, engine.precision)
-    adv = l2_start(x, eps, backend) if random_start else x.clone()
 
     def update(adv, g, x, eps, out=None):
         return ops.l2_step(adv, x, g, alpha=alpha, eps=eps, div_eps=eps_for_division, backend=backend, out=out,
