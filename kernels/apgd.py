@@ -25,16 +25,18 @@ grad_best take x_adv and grad; where the model is fooled, x_best_adv takes x_adv
 Only the rows that change are read and written.
 
 Every elementwise op is rounded to the tensor dtype where PyTorch rounds, so the
-Linf step and the bookkeeping equal their twins in fastadv.reference bit for bit.
-The L2 sums run in fp32 in a tree order that differs from torch's, so the L2
-step may differ from its twin in the last bits.
+Linf step and the bookkeeping equal their twins in fastadv.reference bit for bit
+in fp32, fp16 and bf16. The L2 norms are fp32 (as the twin keeps them for half
+precision) and summed in a tree order that differs from torch's, so the L2 step
+may differ from its twin in the last bits (about one fp32 ulp; in fp16/bf16 the
+final rounding usually hides it).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import clamp, minimum, rnd, sign
-from .utils import dense_like, elementwise_settings, eps_args
+from ._common import clamp, minimum, rnd, sign, total
+from .utils import deliver, dense_like, elementwise_settings, eps_args, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch L2 row kernel
 TILE = 2048  # tile of the multi-launch L2 path
@@ -98,12 +100,6 @@ def _apgd_linf_kernel(
 
 
 @triton.jit
-def _sumsq(v):
-    """sum(v ** 2) over a block in fp32 (masked lanes hold 0)."""
-    return tl.sum(v * v, axis=0)
-
-
-@triton.jit
 def _l2_z(xa, x, g, s, gnorm, tiny, mask, DT: tl.constexpr, ORIGINAL: tl.constexpr):
     """z - x for z = x_adv + step * grad / (n(grad) + 1e-12); 0 on masked lanes."""
     den = gnorm + tiny  # fp32, as the reference's norm column
@@ -164,18 +160,10 @@ def _apgd_l2_row_kernel(
         e = tl.load(eps_ptr + sample).to(tl.float32)
     else:
         e = eps
-    d1 = _l2_z(xa, x, g, s, tl.sqrt_rn(_sumsq(g)), tiny, mask, DT, ORIGINAL)
-    d2 = _l2_blend_delta(xa, xo, x, d1, tl.sqrt_rn(_sumsq(d1)), e, a, b, tiny, mask, DT)
-    out = _l2_project(x, d2, tl.sqrt_rn(_sumsq(d2)), e, tiny, LAST_TINY, DT)
+    d1 = _l2_z(xa, x, g, s, tl.sqrt_rn(total(g * g, 0)), tiny, mask, DT, ORIGINAL)
+    d2 = _l2_blend_delta(xa, xo, x, d1, tl.sqrt_rn(total(d1 * d1, 0)), e, a, b, tiny, mask, DT)
+    out = _l2_project(x, d2, tl.sqrt_rn(total(d2 * d2, 0)), e, tiny, LAST_TINY, DT)
     tl.store(out_ptr + offs, out.to(DT), mask=mask)
-
-
-@triton.jit
-def _tiles_norm(partial_ptr, sample, n_tiles, TILES_POW2: tl.constexpr):
-    """The fp32 norm of a sample from its [n_tiles] partial sums of squares."""
-    t = tl.arange(0, TILES_POW2)
-    parts = tl.load(partial_ptr + sample * n_tiles + t, mask=t < n_tiles, other=0.0)
-    return tl.sqrt_rn(tl.sum(parts, axis=0))
 
 
 @triton.jit
@@ -197,9 +185,11 @@ def _apgd_l2_tile_kernel(
     cols = tile * TILE + tl.arange(0, TILE)
     mask = cols < sample_numel
     offs = sample * sample_numel + cols
+    t = tl.arange(0, TILES_POW2)
+    t_mask = t < n_tiles
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PHASE == 0:
-        tl.store(gpart_ptr + sample * n_tiles + tile, _sumsq(g))
+        tl.store(gpart_ptr + sample * n_tiles + tile, total(g * g, 0))
     else:
         xa = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -207,22 +197,23 @@ def _apgd_l2_tile_kernel(
             s = tl.load(step_ptr + sample).to(tl.float32)
         else:
             s = step
-        gnorm = _tiles_norm(gpart_ptr, sample, n_tiles, TILES_POW2)
+        # the norms: fp32 sums of the [n_tiles] partial sums
+        gnorm = tl.sqrt_rn(total(tl.load(gpart_ptr + sample * n_tiles + t, mask=t_mask, other=0.0), 0))
         d1 = _l2_z(xa, x, g, s, gnorm, tiny, mask, DT, ORIGINAL)
         if PHASE == 1:
-            tl.store(zpart_ptr + sample * n_tiles + tile, _sumsq(d1))
+            tl.store(zpart_ptr + sample * n_tiles + tile, total(d1 * d1, 0))
         else:
             xo = tl.load(old_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if PER_SAMPLE_EPS:
                 e = tl.load(eps_ptr + sample).to(tl.float32)
             else:
                 e = eps
-            n1 = _tiles_norm(zpart_ptr, sample, n_tiles, TILES_POW2)
+            n1 = tl.sqrt_rn(total(tl.load(zpart_ptr + sample * n_tiles + t, mask=t_mask, other=0.0), 0))
             d2 = _l2_blend_delta(xa, xo, x, d1, n1, e, a, b, tiny, mask, DT)
             if PHASE == 2:
-                tl.store(upart_ptr + sample * n_tiles + tile, _sumsq(d2))
+                tl.store(upart_ptr + sample * n_tiles + tile, total(d2 * d2, 0))
             else:
-                n2 = _tiles_norm(upart_ptr, sample, n_tiles, TILES_POW2)
+                n2 = tl.sqrt_rn(total(tl.load(upart_ptr + sample * n_tiles + t, mask=t_mask, other=0.0), 0))
                 out = _l2_project(x, d2, n2, e, tiny, LAST_TINY, DT)
                 tl.store(out_ptr + offs, out.to(DT), mask=mask)
 
@@ -259,21 +250,20 @@ def _momentum(a):
 def apgd_linf_step(x_adv, x_old, x, grad, *, step, eps, a, out=None):
     """Launch the fused APGD Linf update. step and eps are floats or [N] tensors; returns out."""
     x_adv, x_old, x, grad = dense_like(x_adv, x_old, x, grad)
-    if out is None:
-        out = torch.empty_like(x_adv)
+    buf = output_buffer(out, x_adv)
     n = x_adv.numel()
     if n == 0:
-        return out
+        return deliver(out, buf)
     step_val, step_ptr, per_sample_step = eps_args(step, x_adv.shape[0], x_adv.device)
     eps_val, eps_ptr, per_sample_eps = eps_args(eps, x_adv.shape[0], x_adv.device)
     a, b = _momentum(a)
     block, num_warps = elementwise_settings(n)
     _apgd_linf_kernel[(triton.cdiv(n, block),)](
-        x_adv, x_old, x, grad, out, step_ptr, eps_ptr, step_val, eps_val, a, b, n, n // x_adv.shape[0],
+        x_adv, x_old, x, grad, buf, step_ptr, eps_ptr, step_val, eps_val, a, b, n, n // x_adv.shape[0],
         PER_SAMPLE_STEP=per_sample_step, PER_SAMPLE_EPS=per_sample_eps, BLOCK=block,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return out
+    return deliver(out, buf)
 
 
 def apgd_l2_step(x_adv, x_old, x, grad, *, step, eps, a, arithmetic="torchattacks", out=None, max_row=MAX_ROW):
@@ -285,34 +275,34 @@ def apgd_l2_step(x_adv, x_old, x, grad, *, step, eps, a, arithmetic="torchattack
     if arithmetic not in ("torchattacks", "original"):
         raise ValueError(f"arithmetic must be 'torchattacks' or 'original', got {arithmetic!r}")
     x_adv, x_old, x, grad = dense_like(x_adv, x_old, x, grad)
-    if out is None:
-        out = torch.empty_like(x_adv)
+    buf = output_buffer(out, x_adv)
     n = x_adv.shape[0]
     if x_adv.numel() == 0:
-        return out
+        return deliver(out, buf)
     numel = x_adv.numel() // n
     step_val, step_ptr, per_sample_step = eps_args(step, n, x_adv.device)
     eps_val, eps_ptr, per_sample_eps = eps_args(eps, n, x_adv.device)
     a, b = _momentum(a)
+    original = arithmetic == "original"
     flags = dict(
-        ORIGINAL=arithmetic == "original", LAST_TINY=arithmetic != "original", PER_SAMPLE_STEP=per_sample_step, PER_SAMPLE_EPS=per_sample_eps,
+        ORIGINAL=original, LAST_TINY=not original, PER_SAMPLE_STEP=per_sample_step, PER_SAMPLE_EPS=per_sample_eps,
         enable_fp_fusion=False,
     )
     scalars = (step_ptr, eps_ptr, step_val, eps_val, a, b, 1e-12)
     if numel <= max_row:
         block = max(16, triton.next_power_of_2(numel))
         _apgd_l2_row_kernel[(n,)](
-            x_adv, x_old, x, grad, out, *scalars, numel,
+            x_adv, x_old, x, grad, buf, *scalars, numel,
             BLOCK=block, num_warps=min(max(block // 256, 1), 8), **flags,
         )
-        return out
+        return deliver(out, buf)
     n_tiles = triton.cdiv(numel, TILE)
     parts = torch.empty(3, n, n_tiles, device=x_adv.device, dtype=torch.float32)
     tiles = dict(TILE=TILE, TILES_POW2=max(2, triton.next_power_of_2(n_tiles)), num_warps=8, **flags)
-    args = (x_adv, x_old, x, grad, out, parts[0], parts[1], parts[2], *scalars, numel, n_tiles)
+    args = (x_adv, x_old, x, grad, buf, parts[0], parts[1], parts[2], *scalars, numel, n_tiles)
     for phase in range(4):
         _apgd_l2_tile_kernel[(n_tiles, n)](*args, PHASE=phase, **tiles)
-    return out
+    return deliver(out, buf)
 
 
 def _same_dense_layout(ref, *others):

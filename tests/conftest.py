@@ -46,3 +46,10 @@ def batch(digits):
     """64 test digits and their labels."""
     _, (x, y) = digits
     return x[:64].clone(), y[:64].clone()
+
+
+def pytest_configure(config):
+    # The test models are tiny: one thread avoids OpenMP oversubscription on small
+    # machines and in the multi-process (torchrun) tests. Both sides of every
+    # comparison run in the same process, so the thread count never biases one.
+    torch.set_num_threads(1)
