@@ -1,4 +1,6 @@
 """Shared fixtures: real models trained on real digits, once per test session."""
+import copy
+
 import pytest
 import torch
 
@@ -27,13 +29,20 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def trained_models(digits):
-    """{'cnn': SmallCNN with BatchNorm (eval), 'mlp': MLP}, both trained on digits."""
+def _trained_once(digits):
     (x, y), _ = digits
     torch.manual_seed(0)
     cnn = train_plain(SmallCNN(), x, y, epochs=8, seed=0)
     mlp = train_plain(MLP(), x, y, epochs=15, seed=1)
     return {"cnn": cnn, "mlp": mlp}
+
+
+@pytest.fixture
+def trained_models(_trained_once):
+    """{'cnn': SmallCNN with BatchNorm (eval), 'mlp': MLP}, both trained on digits once per
+    session; each test gets its own copies, so a test (or a reference library) that leaves
+    a model in another mode cannot leak into the next test."""
+    return {name: copy.deepcopy(m).eval() for name, m in _trained_once.items()}
 
 
 @pytest.fixture(params=["cnn", "mlp"])

@@ -1,0 +1,302 @@
+"""The ``fastadv`` command: adversarial training and robust evaluation.
+
+    fastadv train --data digits --method pgd --eps 0.2 --epochs 30 --out model.pt
+    fastadv eval  --data digits --checkpoint model.pt --attack pgd-50,apgd-ce --eps 0.2 \\
+                  --report report.json --state state.pt
+
+Both run under torchrun as well (``torchrun --nproc_per_node N -m fastadv ...``):
+with WORLD_SIZE > 1 the process group is initialised from the environment (gloo on
+the CPU, nccl on CUDA); training shards every batch over the ranks (DDP), evaluation
+deals out batches to the ranks and reports the numbers of a single process. Only
+rank 0 writes files and prints.
+
+Errors in the input (unknown method or attack, a checkpoint that does not fit the
+model, unusable data, labels outside the model's classes, a state file of another
+evaluation) print one clear line and exit with status 1; no existing file is
+overwritten unless --overwrite is given (a matching --state file is resumed).
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+from fastadv import datasets
+from fastadv.evaluate import ATTACKS, EvaluationError, atomic_write_text, attack_spec, parse_attack_list
+from fastadv.train import METHODS
+
+USER_ERRORS = (EvaluationError, datasets.DataError, datasets.ModelError)
+
+
+class CLIError(ValueError):
+    """A command-line usage problem found after parsing (files, combinations)."""
+
+
+# -- process setup -------------------------------------------------------------------------
+
+def _device(arg):
+    if arg not in (None, "auto"):
+        return torch.device(arg)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def distributed(device):
+    """Initialise torch.distributed from torchrun's environment when WORLD_SIZE > 1."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank():
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _check_output(path, overwrite, what):
+    """Refuse to replace an existing file without --overwrite; the folder must exist."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise CLIError(f"{what} {path} is a folder, expected a file path")
+    if os.path.exists(path) and not overwrite:
+        raise CLIError(f"{what} {path} already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"the folder of {what} {path} does not exist")
+
+
+def _distinct(**paths):
+    seen = {}
+    for flag, p in paths.items():
+        if p is None:
+            continue
+        key = os.path.realpath(p)
+        if key in seen:
+            raise CLIError(f"--{seen[key]} and --{flag} name the same file {p}")
+        seen[key] = flag
+
+
+def _probe_classes(model, x, device):
+    from fastadv.engine import model_guard
+
+    with torch.no_grad(), model_guard(model):
+        out = model(x[:2].to(device))
+    if out.dim() != 2:
+        raise datasets.ModelError(f"the model must return logits [N, C], got shape {tuple(out.shape)}")
+    return out.shape[1]
+
+
+def _check_labels(y, n_classes, data):
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= n_classes:
+        raise datasets.DataError(f"labels of {data} lie in [{lo}, {hi}] but the model has {n_classes} classes "
+                                 f"(valid labels 0..{n_classes - 1})")
+
+
+def _model_for(args, x, y, meta=None, state_dict=None):
+    """(model, spec, kwargs): --model, else the checkpoint's model, else SmallCNN sized from the data."""
+    meta = meta or {}
+    user_args = datasets.parse_model_args(args.model_args)
+    if args.model:
+        spec, kwargs = args.model, user_args
+    elif meta.get("model"):
+        spec, kwargs = meta["model"], {**meta.get("model_args", {}), **user_args}
+    else:
+        spec = datasets.DEFAULT_MODEL
+        kwargs = datasets.default_model_args(x, y)
+        head = (state_dict or {}).get("head.weight")
+        if isinstance(head, torch.Tensor) and head.dim() == 2:  # a plain SmallCNN state dict
+            kwargs["n_classes"] = head.shape[0]
+        kwargs.update(user_args)
+    return datasets.build_model(spec, kwargs), spec, kwargs
+
+
+def _print(msg, quiet=False):
+    if not quiet and _rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# -- train ---------------------------------------------------------------------------------
+
+def cmd_train(args):
+    from fastadv.train import TrainConfig, accuracy, fit
+
+    _check_output(args.out, args.overwrite, "--out")
+    _check_output(args.report, args.overwrite, "--report")
+    _distinct(out=args.out, report=args.report)
+    if args.method != "plain" and args.eps is None:
+        raise CLIError(f"--eps is required for --method {args.method}")
+    try:
+        cfg = TrainConfig(method=args.method, eps=args.eps if args.eps is not None else 0.0, alpha=args.alpha,
+                          steps=args.steps, beta=args.beta, replays=args.replays, random_start=not args.no_random_start,
+                          bn_training=args.bn_train_attack, amp=None if args.amp == "none" else args.amp)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    device = _device(args.device)
+    x, y, _ = datasets.load_data(args.data, args.split or "train", args.limit)
+    held_out = datasets.load_data("digits", "test") if args.data == "digits" and (args.split or "train") == "train" else None
+    with distributed(device):
+        torch.manual_seed(args.seed)
+        model, spec, kwargs = _model_for(args, x, y)
+        model.to(device)
+        _check_labels(y, _probe_classes(model, x, device), args.data)
+        net = model
+        if torch.distributed.is_initialized():
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if args.compile:
+            net = torch.compile(net)
+        torch.manual_seed(args.seed + 1 + _rank())  # attack noise: independent across ranks
+        t0 = time.perf_counter()
+        history = fit(net, x, y, cfg, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                      lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
+                      progress=not args.quiet)
+        seconds = time.perf_counter() - t0  # model: the bare module inside any DDP / compile wrapper
+        result = {
+            "method": args.method, "config": cfg.to_dict(), "data": args.data, "n_train": len(y),
+            "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
+            "seed": args.seed, "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "model": spec, "model_args": kwargs, "history": history, "seconds": seconds,
+            "train_accuracy": accuracy(model, x, y),
+        }
+        if held_out is not None:
+            result["test_accuracy"] = accuracy(model, held_out[0], held_out[1])
+        if _rank() == 0:
+            _check_output(args.out, args.overwrite, "--out")
+            datasets.write_checkpoint(args.out, model, model_spec=spec, model_args=kwargs, method=args.method,
+                                      eps=args.eps, train=json.loads(json.dumps(result, default=str)))
+            if args.report:
+                atomic_write_text(json.dumps(result, indent=2, default=str) + "\n", args.report)
+            print(train_markdown(result, args.out))
+    return 0
+
+
+def train_markdown(r, out):
+    lines = [f"### Training: {r['method']} on {r['data']}", "",
+             f"{r['n_train']} samples, {r['epochs']} epochs, batch {r['batch_size']}, {r['optimizer']} lr {r['lr']}, "
+             f"world size {r['world_size']}, {r['seconds']:.1f} s", "",
+             "| epoch | loss | seconds |", "|---:|---:|---:|"]
+    lines += [f"| {h['epoch']} | {h['loss']:.4f} | {h['seconds']:.2f} |" for h in r["history"]]
+    lines += ["", f"clean accuracy: train {100 * r['train_accuracy']:.2f}%"
+              + (f", test {100 * r['test_accuracy']:.2f}%" if "test_accuracy" in r else ""), "", f"checkpoint: {out}"]
+    return "\n".join(lines)
+
+
+# -- eval ----------------------------------------------------------------------------------
+
+def cmd_eval(args):
+    from fastadv.evaluate import evaluate, to_json, to_markdown
+
+    names = parse_attack_list(args.attack)
+    specs = [attack_spec(n) for n in names]  # unknown or unavailable names fail here
+    _check_output(args.report, args.overwrite, "--report")
+    if args.state is not None:
+        if os.path.isdir(args.state):
+            raise CLIError(f"--state {args.state} is a folder, expected a file path")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.state))):
+            raise CLIError(f"the folder of --state {args.state} does not exist")
+    _distinct(report=args.report, state=args.state, checkpoint=args.checkpoint)
+    device = _device(args.device)
+    x, y, _ = datasets.load_data(args.data, args.split or "test", args.limit)
+    state_dict, meta = datasets.read_checkpoint(args.checkpoint)
+    with distributed(device):
+        model, spec, _ = _model_for(args, x, y, meta, state_dict)
+        datasets.load_weights(model, state_dict, args.checkpoint, spec)
+        model.to(device).eval()
+        _check_labels(y, _probe_classes(model, x, device), args.data)
+        report = evaluate(model, x, y, specs, eps=args.eps, batch_size=args.batch_size, state_path=args.state,
+                          seed=args.seed, progress=not args.quiet, log=lambda m: _print(m, args.quiet))
+        report.update({"data": args.data, "checkpoint": args.checkpoint, "model": spec,
+                       "state": args.state, "device": str(device), "torch": torch.__version__})
+        if _rank() == 0:
+            if args.report:
+                _check_output(args.report, args.overwrite, "--report")
+                atomic_write_text(to_json(report) + "\n", args.report)
+            print(to_markdown(report, title=f"Robust accuracy of {args.checkpoint} on {args.data}"))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+
+def _common(p):
+    p.add_argument("--data", default="digits",
+                   help="'digits' (embedded), a folder of images in class sub-folders, or a .npz/.pt file (default: digits)")
+    p.add_argument("--split", choices=["train", "test"], help="digits split (default: train for train, test for eval)")
+    p.add_argument("--limit", type=int, help="use only the first N samples")
+    p.add_argument("--model", help="package.module:factory returning an nn.Module (default: fastadv.models:SmallCNN)")
+    p.add_argument("--model-args", help="JSON keyword arguments for the model factory")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="fastadv", description="Adversarial training and robust evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (adversarially)", description="Train a model, plainly or adversarially.")
+    _common(t)
+    t.add_argument("--method", required=True, choices=METHODS, help="training method")
+    t.add_argument("--eps", type=float, help="Linf budget of the training attack (required except for plain)")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--out", required=True, help="checkpoint to write (refused if it exists, unless --overwrite)")
+    t.add_argument("--report", help="also write the training record as JSON here")
+    t.add_argument("--alpha", type=float, help="attack step size (default: per method; see fastadv.train.TrainConfig)")
+    t.add_argument("--steps", type=int, default=10, help="attack steps for pgd and trades (default: 10)")
+    t.add_argument("--beta", type=float, default=6.0, help="TRADES beta (default: 6)")
+    t.add_argument("--replays", type=int, default=4, help="Free AT replays m per batch (default: 4)")
+    t.add_argument("--no-random-start", action="store_true", help="PGD-AT from the clean point")
+    t.add_argument("--bn-train-attack", action="store_true", help="BatchNorm in train mode while crafting")
+    t.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision (default: none)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    t.add_argument("--lr", type=float, default=1e-2)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="robust accuracy under a cascade of attacks",
+                       description="Robust accuracy under a cascade of attacks; resumable with --state.")
+    _common(e)
+    e.add_argument("--checkpoint", required=True, help="fastadv checkpoint or a state dict (.pt)")
+    e.add_argument("--attack", action="append", required=True,
+                   help=f"attack name(s), repeatable or comma separated: {', '.join(ATTACKS)}; "
+                        "iterative ones take -N steps, e.g. pgd-50")
+    e.add_argument("--eps", type=float, required=True, help="budget in each attack's norm")
+    e.add_argument("--report", help="results JSON (refused if it exists, unless --overwrite)")
+    e.add_argument("--state", help="resumable state file: created, resumed if it matches, refused otherwise")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, *USER_ERRORS) as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike; one says why
+            print(f"fastadv {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
