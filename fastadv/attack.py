@@ -8,7 +8,7 @@ already in [0, 1] space and on the model's device.
 import torch
 
 from fastadv import validation
-from fastadv.engine import EngineOptions, model_device, model_guard
+from fastadv.engine import EngineOptions, finite_or_clean, model_device, model_guard
 from fastadv.loop import chunked
 
 
@@ -240,10 +240,11 @@ class Attack:
 
         def run(x):
             index = torch.arange(x.shape[0])
-            return chunked(
+            adv = chunked(
                 lambda xc, idx: self.forward(xc, labels[idx] if labels is not None else None, *args, **kwargs),
                 x, index, self.engine.batch_size,
             )
+            return finite_or_clean(adv, x.to(adv.device)) if isinstance(adv, torch.Tensor) else adv
 
         with guard:
             if self._normalization_applied is True:

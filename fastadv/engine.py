@@ -193,4 +193,17 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, **kw
         return core(model, xc, y[idx], engine=engine, **chunk_kwargs)
 
     with model_guard(model):
-        return chunked(run_chunk, x, index, engine.batch_size)
+        return finite_or_clean(chunked(run_chunk, x, index, engine.batch_size), x)
+
+
+def finite_or_clean(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Samples whose adversarial example is not finite come back as the clean input.
+
+    Degenerate gradients (a dead network, inf logits) make some reference arithmetic
+    produce NaN (APGD-L2, CW, DeepFool); an attack that failed that way returns the
+    clean image instead. One pass per call, never per step; finite results are untouched.
+    """
+    if adv.shape != x.shape or adv.numel() == 0:
+        return adv
+    bad = ~torch.isfinite(adv).reshape(adv.shape[0], -1).all(1)
+    return torch.where(bad.reshape(-1, *([1] * (adv.dim() - 1))), x.to(adv.dtype), adv)
