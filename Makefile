@@ -4,6 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: venv test test-fast demo bench clean
 
@@ -25,7 +26,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: venv
-	$(BIN)/python -m fastadv demo
+	$(BIN)/python -m fastadv demo $(DEMO_ARGS)
 
 bench: venv
 	$(BIN)/python -m benchmarks.bench_kernels

@@ -2,7 +2,14 @@
 
     fastadv train --data digits --method pgd --eps 0.2 --epochs 30 --out model.pt
     fastadv eval  --data digits --checkpoint model.pt --attack pgd-50,apgd-ce --eps 0.2 \\
-                  --report report.json --state state.pt
+                  --report report.json --state state.pt [--plots DIR]
+    fastadv demo  [--quick] [--quiet] [--device D] [--json PATH]
+    fastadv bench --model smallcnn --attack PGD --batch 128 --steps 10 --mode exact [--json PATH] [--plot DIR]
+
+``demo`` trains (or loads from $FASTADV_CACHE, default ~/.cache/fastadv) a plain and a
+PGD-AT SmallCNN on digits, evaluates them and times fastadv against torchattacks
+(fastadv.demo); ``bench`` runs benchmarks/bench_attacks.py for one case and needs a
+source checkout; ``eval --plots`` adds PNG figures (fastadv.plots).
 
 Both run under torchrun as well (``torchrun --nproc_per_node N -m fastadv ...``):
 with WORLD_SIZE > 1 the process group is initialised from the environment (gloo on
@@ -212,6 +219,7 @@ def cmd_eval(args):
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.state))):
             raise CLIError(f"the folder of --state {args.state} does not exist")
     _distinct(report=args.report, state=args.state, checkpoint=args.checkpoint)
+    plot_paths = _plot_paths(args.plots, args.overwrite)
     device = _device(args.device)
     x, y, _ = datasets.load_data(args.data, args.split or "test", args.limit)
     state_dict, meta = datasets.read_checkpoint(args.checkpoint)
@@ -229,6 +237,128 @@ def cmd_eval(args):
                 _check_output(args.report, args.overwrite, "--report")
                 atomic_write_text(to_json(report) + "\n", args.report)
             print(to_markdown(report, title=f"Robust accuracy of {args.checkpoint} on {args.data}"))
+        if plot_paths:
+            _eval_plots(model, x, y, names, args, plot_paths, report)
+    return 0
+
+
+def _plot_paths(folder, overwrite):
+    """The PNG paths of --plots DIR (the folder is created; existing files need --overwrite)."""
+    if folder is None:
+        return None
+    from fastadv import plots
+
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CLIError(f"--plots {folder} is a file, expected a folder")
+    os.makedirs(folder, exist_ok=True)
+    paths = {"curve": os.path.join(folder, plots.CURVE_PNG), "examples": os.path.join(folder, plots.EXAMPLES_PNG)}
+    for p in paths.values():
+        _check_output(p, overwrite, "--plots file")
+    return paths
+
+
+def _eval_plots(model, x, y, names, args, paths, report):
+    """Robust accuracy versus eps (every attack alone) and a grid of adversarial examples."""
+    from fastadv import plots
+
+    _print(f"plots: robust accuracy of {', '.join(names)} at eps {plots.eps_grid(args.eps)}", args.quiet)
+    curve = plots.robust_curve(model, x, y, names, args.eps, batch_size=args.batch_size, seed=args.seed)
+    if _rank() == 0:
+        plots.plot_robust_curve(curve, paths["curve"], title=f"Robust accuracy versus eps ({args.data})")
+        clean, adv, p_clean, p_adv, name = plots.adversarial_examples(model, x, y, names[0], args.eps, seed=args.seed)
+        plots.plot_examples(clean, adv, y[:len(clean)], p_clean, p_adv, args.eps, paths["examples"], name=name)
+        print(f"\nplots: {paths['curve']}, {paths['examples']}")
+        if args.report:
+            report["robust_curve"] = curve
+            atomic_write_text(json.dumps({**json.loads(open(args.report).read()), "robust_curve": curve}, indent=2) + "\n",
+                              args.report)
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+def cmd_demo(args):
+    from fastadv import demo
+
+    _check_output(args.json, args.overwrite, "--json")
+    device = _device(args.device)
+    results = demo.run(quick=args.quick, device=device, quiet=args.quiet, cache=not args.no_cache, seed=args.seed,
+                       log=lambda m: _print(m, args.quiet))
+    if args.json:
+        atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", args.json)
+    print(results["table"])
+    return 0
+
+
+# -- bench ---------------------------------------------------------------------------------
+
+def _bench_modules():
+    """benchmarks.bench_attacks, .plot and .results from a source checkout, or CLIError."""
+    import importlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for candidate in (None, os.getcwd(), root):
+        if candidate is not None:
+            if not os.path.isfile(os.path.join(candidate, "benchmarks", "bench_attacks.py")) or candidate in sys.path:
+                continue
+            sys.path.insert(0, candidate)
+        try:
+            return (importlib.import_module("benchmarks.bench_attacks"), importlib.import_module("benchmarks.plot"),
+                    importlib.import_module("benchmarks.results"))
+        except ImportError as e:
+            if getattr(e, "name", None) not in ("benchmarks", "benchmarks.bench_attacks", "benchmarks.plot",
+                                                "benchmarks.results"):
+                raise
+    raise CLIError("the benchmarks package is not importable: it ships with the source checkout, not the "
+                   "installed package; run `fastadv bench` (or `python -m fastadv bench`) from a fastadv source checkout")
+
+
+def cmd_bench(args):
+    import tempfile
+
+    bench, plot, results = _bench_modules()
+    from benchmarks import models as bench_models
+
+    if args.model not in bench_models.MODELS:
+        raise CLIError(f"unknown --model {args.model!r}: expected one of {', '.join(sorted(bench_models.MODELS))}")
+    if args.attack not in bench.ATTACKS:
+        raise CLIError(f"unknown --attack {args.attack!r}: expected one of {', '.join(bench.ATTACKS)}")
+    if args.batch < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        raise CLIError("--batch, --steps and --repeats must be >= 1, --warmup >= 0")
+    _check_output(args.json, args.overwrite, "--json")
+    device = _device(args.device)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        model = bench_models.build(args.model, device, seed=args.seed)
+    except (ImportError, OSError) as e:
+        raise CLIError(f"model {args.model}: {e}") from None
+    x = bench.make_inputs(args.model, args.batch, device, args.seed)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    refs = {r.strip() for r in args.refs.split(",") if r.strip()}
+    rows, note = bench.run_case(model, args.model, x, y, args.attack, args.mode, steps=args.steps,
+                                repeats=args.repeats, warmup=args.warmup, device=device, backend=args.backend,
+                                seed=args.seed, refs=refs)
+    if note:
+        raise CLIError(note)
+    env = results.environment(device)
+    for r in rows:
+        r.update(env)
+    print(f"{env['device']} | torch {env['torch']} | {env['date']}\n")
+    results.print_table(rows, "attacks")
+    text = json.dumps({"schema": 1, "rows": rows}, indent=1, default=str) + "\n"
+    if args.json:
+        atomic_write_text(text, args.json)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        os.makedirs(args.plot, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src = args.json or os.path.join(tmp, f"bench-{args.model}-{args.attack}-b{args.batch}-{args.mode}.json")
+            if not args.json:
+                with open(src, "w") as f:
+                    f.write(text)
+            for png in plot.plot(src, args.plot):
+                print(f"wrote {png}")
     return 0
 
 
@@ -283,7 +413,42 @@ def build_parser():
     e.add_argument("--eps", type=float, required=True, help="budget in each attack's norm")
     e.add_argument("--report", help="results JSON (refused if it exists, unless --overwrite)")
     e.add_argument("--state", help="resumable state file: created, resumed if it matches, refused otherwise")
+    e.add_argument("--plots", metavar="DIR", help="also write DIR/robust_vs_eps.png (each attack alone at "
+                   "eps x [0, 1/4, 1/2, 3/4, 1]) and DIR/adversarial_examples.png")
     e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="train plain and PGD-AT models on digits, evaluate, time against torchattacks",
+                       description="The README's main job on the embedded digits: plain and PGD-AT SmallCNN (eps 0.2), "
+                                   "clean / PGD-20 / AutoAttack accuracy, fastadv PGD-10 against torchattacks PGD-10. "
+                                   "Checkpoints are cached in $FASTADV_CACHE (default ~/.cache/fastadv).")
+    d.add_argument("--quick", action="store_true", help="3 epochs each, 64 test samples (under a minute on a CPU)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto: CUDA when available)")
+    d.add_argument("--json", help="also write the results as JSON here")
+    d.add_argument("--no-cache", action="store_true", help="train afresh; neither read nor write cached checkpoints")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="time one attack: fastadv against torchattacks and the floor (source checkout)",
+                       description="Time one attack on one benchmark model: fastadv, the reference libraries and the "
+                                   "floor, alternating runs, medians (benchmarks/bench_attacks.py; needs a source checkout).")
+    b.add_argument("--model", default="smallcnn", help="benchmark model: smallcnn, smallcnn-digits, linear, resnet18, "
+                   "wrn-28-10, resnet50, robust-resnet18 (default: smallcnn)")
+    b.add_argument("--attack", default="PGD", help="attack class, e.g. PGD, FGSM, APGD (default: PGD)")
+    b.add_argument("--batch", type=int, default=128)
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--mode", choices=["exact", "fast"], default="exact")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per library (default: 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    b.add_argument("--refs", default="torchattacks,pyautoattack", help="reference libraries to run")
+    b.add_argument("--backend", help="fastadv backend (default: auto)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="write the rows as JSON here")
+    b.add_argument("--plot", metavar="DIR", help="write the bar chart PNG into DIR (benchmarks/plot.py)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
