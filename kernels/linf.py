@@ -6,7 +6,6 @@
 Each op is rounded to the tensor's dtype where the reference rounds, so the
 result equals torchattacks' chain of eager ops bit for bit.
 """
-import torch
 import triton
 import triton.language as tl
 

@@ -4,7 +4,6 @@ The noise comes from torch's RNG (so a seed gives the reference's start); this
 kernel fuses the scale, the add and the clip. With SCALE the noise is multiplied
 by a per-sample factor first (PGDL2: delta *= r / ||delta|| * eps).
 """
-import torch
 import triton
 import triton.language as tl
 

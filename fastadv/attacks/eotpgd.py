@@ -3,10 +3,9 @@ import numbers
 
 import torch
 
-from fastadv import loop, ops, validation
+from fastadv import validation
 from fastadv.attack import Attack
-from fastadv.attacks.pgd import uniform_start
-from fastadv.backend import resolve
+from fastadv.attacks.pgd import linf_iterations, uniform_start
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
 
 
@@ -47,13 +46,7 @@ def eotpgd_loop(forward, x, y, *, eps, alpha, steps, eot_iter=2, random_start=Tr
     adv, x = engine.layout(adv), engine.layout(x)
     grad = SummedGradient(CrossEntropyGradient(forward, y, targeted, engine.precision), eot_iter)
 
-    def update(adv, g, x, eps, alpha, out=None):
-        return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out, consume_grad=True)
-
-    adv = loop.run(
-        update, grad, adv, steps, {"x": x, "eps": eps, "alpha": alpha}, early_stop=engine.early_stop,
-        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=forward,
-    )
+    adv = linf_iterations(grad, adv, x, eps=eps, alpha=alpha, steps=steps, backend=backend, engine=engine, model=forward)
     return adv.contiguous(memory_format=fmt)
 
 

@@ -14,6 +14,21 @@ def uniform_start(x, eps, backend=None):
     return ops.random_start(x, torch.empty_like(x).uniform_(-eps, eps), backend=backend)
 
 
+def linf_iterations(grad, adv, x, *, eps, alpha, steps, backend=None, engine=EXACT, model=None):
+    """steps fused Linf sign steps from adv (PGD, EOTPGD, RFGSM, TPGD share this loop).
+
+    grad(adv) is the attack's gradient (with succeeded()/keep() for early stopping).
+    """
+
+    def update(adv, g, x, eps, alpha, out=None):
+        return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out, consume_grad=True)
+
+    return loop.run(
+        update, grad, adv, steps, {"x": x, "eps": eps, "alpha": alpha}, early_stop=engine.early_stop,
+        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=model,
+    )
+
+
 def pgd_loop(forward, x, y, *, eps, alpha, steps, random_start=True, targeted=False, backend=None, engine=EXACT):
     """The PGD iteration on inputs the caller owns; returns the last iterate."""
     fmt = validation.memory_format(x)
@@ -21,13 +36,7 @@ def pgd_loop(forward, x, y, *, eps, alpha, steps, random_start=True, targeted=Fa
     adv, x = engine.layout(adv), engine.layout(x)
     grad = CrossEntropyGradient(forward, y, targeted, engine.precision)
 
-    def update(adv, g, x, eps, alpha, out=None):
-        return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out, consume_grad=True)
-
-    adv = loop.run(
-        update, grad, adv, steps, {"x": x, "eps": eps, "alpha": alpha}, early_stop=engine.early_stop,
-        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=forward,
-    )
+    adv = linf_iterations(grad, adv, x, eps=eps, alpha=alpha, steps=steps, backend=backend, engine=engine, model=forward)
     return adv.contiguous(memory_format=fmt)
 
 

@@ -1,9 +1,9 @@
 """R+FGSM: a random sign step, then iterative sign steps (Tramèr et al., 2018). Linf."""
 import torch
 
-from fastadv import loop, ops, validation
+from fastadv import ops, validation
 from fastadv.attack import Attack
-from fastadv.backend import resolve
+from fastadv.attacks.pgd import linf_iterations
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
 
 
@@ -22,13 +22,7 @@ def rfgsm_loop(forward, x, y, *, eps, alpha, steps, targeted=False, backend=None
     x = engine.layout(x)
     grad = CrossEntropyGradient(forward, y, targeted, engine.precision)
 
-    def update(adv, g, x, eps, alpha, out=None):
-        return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out, consume_grad=True)
-
-    adv = loop.run(
-        update, grad, adv, steps, {"x": x, "eps": eps, "alpha": alpha}, early_stop=engine.early_stop,
-        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=forward,
-    )
+    adv = linf_iterations(grad, adv, x, eps=eps, alpha=alpha, steps=steps, backend=backend, engine=engine, model=forward)
     return adv.contiguous(memory_format=fmt)
 
 

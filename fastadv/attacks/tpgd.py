@@ -2,9 +2,9 @@
 import torch
 import torch.nn.functional as F
 
-from fastadv import loop, ops, validation
+from fastadv import ops, validation
 from fastadv.attack import Attack
-from fastadv.backend import resolve
+from fastadv.attacks.pgd import linf_iterations
 from fastadv.engine import EXACT, autocast_dtype, run_functional
 
 
@@ -58,13 +58,7 @@ def tpgd_loop(forward, x, y=None, *, eps, alpha, steps, backend=None, engine=EXA
     adv = engine.layout(ops.random_start(x, 0.001 * torch.randn_like(x), backend=backend))
     x = xl
 
-    def update(adv, g, x, eps, alpha, out=None):
-        return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out, consume_grad=True)
-
-    adv = loop.run(
-        update, grad, adv, steps, {"x": x, "eps": eps, "alpha": alpha}, early_stop=engine.early_stop,
-        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=forward,
-    )
+    adv = linf_iterations(grad, adv, x, eps=eps, alpha=alpha, steps=steps, backend=backend, engine=engine, model=forward)
     return adv.contiguous(memory_format=fmt)
 
 
