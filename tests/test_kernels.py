@@ -138,3 +138,15 @@ def test_l2_degenerate_gradients_take_no_step(k, dtype):
         assert_close(k.l2_step(adv, x, grad, alpha=0.2, eps=eps, out=poisoned_like(adv)), expected, L2_KERNEL_ATOL[dtype])
     moved = reference.l2_step(x, x, grad, alpha=0.2, eps=0.5)
     assert_equal(moved[:3], x[:3])  # no step where the gradient is degenerate
+
+
+def test_misaligned_storage_offsets(k):
+    """Views that start at an odd element of their storage (unaligned pointers)."""
+    adv, x, grad = (t.flatten()[1:].reshape(3, 1, 5, 7) for t in make_inputs((106, 1, 1, 1), torch.float32, 0.1))
+    assert adv.storage_offset() == 1 and adv.is_contiguous()
+    for eps in (0.03, torch.tensor([0.0, 0.05, 0.1])):
+        assert_equal(k.linf_step(adv, x, grad, alpha=0.01, eps=eps, out=poisoned_like(adv)),
+                     reference.linf_step(adv, x, grad, alpha=0.01, eps=eps))
+        assert_close(k.l2_step(adv, x, grad, alpha=0.2, eps=eps, out=poisoned_like(adv)),
+                     reference.l2_step(adv, x, grad, alpha=0.2, eps=eps), L2_KERNEL_ATOL[torch.float32])
+    assert_equal(k.random_start(x, grad, out=poisoned_like(x)), reference.random_start(x, grad))

@@ -173,3 +173,17 @@ def test_degenerate_gradients_never_give_nan(name, mode):
         make = {**LINF, **L2}[name]
     adv = make(model, p)(x, y)
     assert torch.isfinite(adv).all() and adv.min() >= 0 and adv.max() <= 1, name
+
+
+KERNEL_BACKED = ["MIFGSM", "TPGD", "EOTPGD", "FFGSM", "RFGSM", "APGD-Linf", "APGD-L2", "APGDT"]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", KERNEL_BACKED)
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(p=CASES)
+def test_zoo_attack_properties_through_the_kernels(name, p):
+    """The same properties with the Triton kernels run by the interpreter."""
+    make, norm, scale = ZOO[name]
+    p = {**p, "dtype": torch.float32, "classes": max(4, p["classes"]) if name == "APGDT" else p["classes"]}
+    check_attack(make, norm, scale, p, "interpret")
