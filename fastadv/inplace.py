@@ -38,9 +38,10 @@ def l2_step_(adv, x, grad, *, alpha, eps, div_eps=1e-10):
     """reference.l2_step, computed in grad's buffer."""
     gn = l2_norm(grad) + div_eps
     grad.div_(per_sample(gn, grad))
-    ok = (gn > 0) & torch.isfinite(gn)
-    if not ok.all():  # a host check on an [N] vector; cheap on the CPU this path serves
-        grad[~ok] = 0
+    ok = per_sample((gn > 0) & torch.isfinite(gn), grad)
+    # On the CPU checking first is free and skips a pass; elsewhere never sync the host.
+    if grad.device.type != "cpu" or not ok.all():
+        torch.where(ok, grad, grad.new_zeros(()), out=grad)
     d = grad.mul_(alpha).add_(adv).sub_(x)
     dn = l2_norm(d)
     if isinstance(eps, torch.Tensor):
