@@ -30,8 +30,8 @@ class EngineOptions:
         convolutions, best with a model converted to channels_last too).
     early_stop: samples that already fool the model stop being attacked; each
         returns the first iterate that fooled it (changes the returned tensors).
-    batch_size: attack at most this many samples at once; on CUDA out-of-memory
-        the chunk is halved and the run goes on.
+    batch_size: attack at most this many samples at once; when an allocation fails (CUDA or CPU
+        out of memory) the chunk is halved and the run goes on.
     cuda_graph: capture one step as a CUDA graph and replay it (None: automatic,
         on for CUDA tensors on the Triton backend without early stopping).
     fast: shorthand for precision='bf16' and channels_last=True.

@@ -84,11 +84,20 @@ def _run_graph(update, grad, adv, steps, per_sample, model):
     return static
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError
+    (which PyTorch raises as a plain RuntimeError)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
 def chunked(fn, x, y, batch_size):
     """fn(x[i:j], y[i:j]) over chunks of at most batch_size, concatenated.
 
-    On CUDA out-of-memory the chunk is halved and retried from the same RNG state,
-    so a large evaluation finishes rather than crashes. batch_size None: one chunk.
+    When an allocation fails (CUDA or CPU out of memory) the chunk is halved and
+    retried from the same RNG state, so a large evaluation finishes rather than
+    crashes. batch_size None: one chunk.
     """
     n = x.shape[0]
     size = n if batch_size is None else max(1, min(int(batch_size), n))
@@ -114,13 +123,14 @@ def _retry_on_oom(fn, x, y, size, return_size=False):
         try:
             out = fn(x[:size], y[:size])
             return (out, size) if return_size else _finish_rest(fn, x, y, out, size)
-        except torch.cuda.OutOfMemoryError:
-            if size == 1:
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if size == 1 or not is_out_of_memory(exc):
                 raise
-            torch.cuda.empty_cache()
+            if x.is_cuda:
+                torch.cuda.empty_cache()
             set_rng_state(state)  # the retry draws the same random start
             size = (size + 1) // 2
-            warnings.warn(f"fastadv: CUDA out of memory; continuing with chunks of {size}", stacklevel=4)
+            warnings.warn(f"fastadv: {x.device.type.upper()} out of memory; continuing with chunks of {size}", stacklevel=4)
 
 
 def _finish_rest(fn, x, y, first, size):
