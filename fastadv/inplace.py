@@ -28,7 +28,14 @@ def _clamp_eps_(d: torch.Tensor, eps) -> torch.Tensor:
 
 def linf_step_(adv, x, grad, *, alpha, eps, project=True):
     """reference.linf_step, computed in grad's buffer."""
-    s = _scale_(grad.sign_(), alpha).add_(adv)
+    s = grad.sign_()
+    if not isinstance(alpha, torch.Tensor) and s.dtype in (torch.float32, torch.float64):
+        # One pass instead of two: alpha * sign is exact (+-alpha or 0) in the tensor's
+        # dtype, so adv + alpha * s rounds once whether or not the kernel uses an FMA.
+        # Not for fp16/bf16: there the reference rounds alpha to the dtype first.
+        s = torch.add(adv, s, alpha=alpha, out=s)
+    else:
+        s = _scale_(s, alpha).add_(adv)
     if project:
         s = _clamp_eps_(s.sub_(x), eps).add_(x)
     return s.clamp_(min=0, max=1)

@@ -5,7 +5,7 @@ import torch
 from fastadv import inplace, reference
 from helpers import assert_equal
 
-CASES = [(1, 1, 1, 1), (3, 3, 7, 5), (16, 1, 8, 8)]
+CASES = [(1, 1, 1, 1), (3, 3, 7, 5), (16, 1, 8, 8), (5, 3, 33, 31)]  # the last: vectorised loops and tails
 
 
 def inputs(shape, dtype, seed=0):
@@ -14,6 +14,8 @@ def inputs(shape, dtype, seed=0):
     adv = (x + (torch.rand(shape, generator=g) * 2 - 1) * 0.05).clamp(0, 1)
     grad = torch.randn(shape, generator=g)
     grad[0] = 0  # a degenerate sample
+    if shape[0] > 1:  # non-finite and negative-zero entries in the last sample
+        grad[-1].view(-1)[-3:] = torch.tensor([float("nan"), float("inf"), -0.0])
     return [t.to(dtype) for t in (adv, x, grad)]
 
 
