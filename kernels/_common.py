@@ -42,6 +42,29 @@ def minimum(a, b):
 
 
 @triton.jit
+def sample_row(sample_numel, BLOCK: tl.constexpr):
+    """One program per sample: its index, its elements' offsets and their mask.
+    Offsets are int64, so index arithmetic never wraps past 2**31 elements."""
+    sample = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    return sample, sample * sample_numel + cols, cols < sample_numel
+
+
+@triton.jit
+def sample_tile(sample_numel, TILE: tl.constexpr):
+    """Programs over (tile, sample): the tile and sample indices, the tile's offsets and mask."""
+    tile, sample = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    cols = tile * TILE + tl.arange(0, TILE)
+    return tile, sample, sample * sample_numel + cols, cols < sample_numel
+
+
+@triton.jit
+def load_f32(ptr, offs, mask):
+    """Masked load as fp32 registers (masked-off lanes read 0)."""
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def sample_eps(value, value_ptr, sample, PER_SAMPLE: tl.constexpr):
     """A budget or step size for an element's sample: the scalar, or value_ptr[sample]."""
     if PER_SAMPLE:

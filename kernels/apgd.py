@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import clamp, minimum, rnd, sign, total
+from ._common import clamp, load_f32, minimum, rnd, sample_eps, sample_row, sample_tile, sign, total
 from .utils import deliver, dense_like, elementwise_settings, eps_args, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch L2 row kernel
@@ -144,22 +144,13 @@ def _apgd_l2_row_kernel(
     BLOCK: tl.constexpr,
 ):
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    sample = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < sample_numel
-    offs = sample * sample_numel + cols
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    xa = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(old_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if PER_SAMPLE_STEP:
-        s = tl.load(step_ptr + sample).to(tl.float32)
-    else:
-        s = step
-    if PER_SAMPLE_EPS:
-        e = tl.load(eps_ptr + sample).to(tl.float32)
-    else:
-        e = eps
+    sample, offs, mask = sample_row(sample_numel, BLOCK)
+    g = load_f32(grad_ptr, offs, mask)
+    xa = load_f32(adv_ptr, offs, mask)
+    xo = load_f32(old_ptr, offs, mask)
+    x = load_f32(x_ptr, offs, mask)
+    s = sample_eps(step, step_ptr, sample, PER_SAMPLE_STEP)
+    e = sample_eps(eps, eps_ptr, sample, PER_SAMPLE_EPS)
     d1 = _l2_z(xa, x, g, s, tl.sqrt_rn(total(g * g, 0)), tiny, mask, DT, ORIGINAL)
     d2 = _l2_blend_delta(xa, xo, x, d1, tl.sqrt_rn(total(d1 * d1, 0)), e, a, b, tiny, mask, DT)
     out = _l2_project(x, d2, tl.sqrt_rn(total(d2 * d2, 0)), e, tiny, LAST_TINY, DT)
@@ -181,33 +172,24 @@ def _apgd_l2_tile_kernel(
     TILES_POW2: tl.constexpr,
 ):
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    tile, sample = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    cols = tile * TILE + tl.arange(0, TILE)
-    mask = cols < sample_numel
-    offs = sample * sample_numel + cols
+    tile, sample, offs, mask = sample_tile(sample_numel, TILE)
     t = tl.arange(0, TILES_POW2)
     t_mask = t < n_tiles
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = load_f32(grad_ptr, offs, mask)
     if PHASE == 0:
         tl.store(gpart_ptr + sample * n_tiles + tile, total(g * g, 0))
     else:
-        xa = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if PER_SAMPLE_STEP:
-            s = tl.load(step_ptr + sample).to(tl.float32)
-        else:
-            s = step
+        xa = load_f32(adv_ptr, offs, mask)
+        x = load_f32(x_ptr, offs, mask)
+        s = sample_eps(step, step_ptr, sample, PER_SAMPLE_STEP)
         # the norms: fp32 sums of the [n_tiles] partial sums
         gnorm = tl.sqrt_rn(total(tl.load(gpart_ptr + sample * n_tiles + t, mask=t_mask, other=0.0), 0))
         d1 = _l2_z(xa, x, g, s, gnorm, tiny, mask, DT, ORIGINAL)
         if PHASE == 1:
             tl.store(zpart_ptr + sample * n_tiles + tile, total(d1 * d1, 0))
         else:
-            xo = tl.load(old_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if PER_SAMPLE_EPS:
-                e = tl.load(eps_ptr + sample).to(tl.float32)
-            else:
-                e = eps
+            xo = load_f32(old_ptr, offs, mask)
+            e = sample_eps(eps, eps_ptr, sample, PER_SAMPLE_EPS)
             n1 = tl.sqrt_rn(total(tl.load(zpart_ptr + sample * n_tiles + t, mask=t_mask, other=0.0), 0))
             d2 = _l2_blend_delta(xa, xo, x, d1, n1, e, a, b, tiny, mask, DT)
             if PHASE == 2:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import clamp, minimum, rnd, sample_eps, total
+from ._common import clamp, load_f32, minimum, rnd, sample_eps, sample_row, sample_tile, total
 from .utils import deliver, dense_like, eps_args, fp32, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch row kernel
@@ -60,13 +60,10 @@ def _l2_row_kernel(
     BLOCK: tl.constexpr,
 ):
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    sample = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < sample_numel
-    offs = sample * sample_numel + cols
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sample, offs, mask = sample_row(sample_numel, BLOCK)
+    g = load_f32(grad_ptr, offs, mask)
+    a = load_f32(adv_ptr, offs, mask)
+    x = load_f32(x_ptr, offs, mask)
     d = _delta(a, x, g, _grad_norm(total(g * g, axis=0), div_eps, DT), alpha, DT)
     d = tl.where(mask, d, 0.0)
     e = sample_eps(eps, eps_ptr, sample, PER_SAMPLE_EPS)
@@ -81,10 +78,8 @@ def _sumsq_tile_kernel(
     sample_numel, n_tiles,
     TILE: tl.constexpr,
 ):
-    tile, sample = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    cols = tile * TILE + tl.arange(0, TILE)
-    mask = cols < sample_numel
-    v = tl.load(v_ptr + sample * sample_numel + cols, mask=mask, other=0.0).to(tl.float32)
+    tile, sample, offs, mask = sample_tile(sample_numel, TILE)
+    v = load_f32(v_ptr, offs, mask)
     tl.store(partial_ptr + sample * n_tiles + tile, total(v * v, axis=0))
 
 
@@ -107,13 +102,10 @@ def _l2_tile_kernel(
     TILES_POW2: tl.constexpr,
 ):
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    tile, sample = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    cols = tile * TILE + tl.arange(0, TILE)
-    mask = cols < sample_numel
-    offs = sample * sample_numel + cols
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tile, sample, offs, mask = sample_tile(sample_numel, TILE)
+    g = load_f32(grad_ptr, offs, mask)
+    a = load_f32(adv_ptr, offs, mask)
+    x = load_f32(x_ptr, offs, mask)
     gnorm = _grad_norm(_row_sum(gpart_ptr, sample, n_tiles, TILES_POW2), div_eps, DT)
     d = tl.where(mask, _delta(a, x, g, gnorm, alpha, DT), 0.0)
     if FINISH:

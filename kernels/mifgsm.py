@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import clamp, rnd, sample_eps, sign, total
+from ._common import clamp, load_f32, rnd, sample_eps, sample_row, sample_tile, sign, total
 from .utils import deliver, dense_like, eps_args, fp32, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch row kernel
@@ -58,14 +58,11 @@ def _mifgsm_row_kernel(
     BLOCK: tl.constexpr,
 ):
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    sample = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < sample_numel
-    offs = sample * sample_numel + cols
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mo = tl.load(mom_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sample, offs, mask = sample_row(sample_numel, BLOCK)
+    g = load_f32(grad_ptr, offs, mask)
+    a = load_f32(adv_ptr, offs, mask)
+    x = load_f32(x_ptr, offs, mask)
+    mo = load_f32(mom_ptr, offs, mask)
     abs_sum = total(tl.abs(g), 0)
     e = sample_eps(eps, eps_ptr, sample, PER_SAMPLE_EPS)
     step = sample_eps(alpha, alpha_ptr, sample, PER_SAMPLE_ALPHA)
@@ -81,10 +78,8 @@ def _abs_sum_tile_kernel(
     sample_numel, n_tiles,
     TILE: tl.constexpr,
 ):
-    tile, sample = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    cols = tile * TILE + tl.arange(0, TILE)
-    mask = cols < sample_numel
-    g = tl.load(grad_ptr + sample * sample_numel + cols, mask=mask, other=0.0).to(tl.float32)
+    tile, sample, offs, mask = sample_tile(sample_numel, TILE)
+    g = load_f32(grad_ptr, offs, mask)
     tl.store(partial_ptr + sample * n_tiles + tile, total(tl.abs(g), 0))
 
 
@@ -101,16 +96,13 @@ def _mifgsm_tile_kernel(
     TILES_POW2: tl.constexpr,  # n_tiles rounded up to a power of two
 ):
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    tile, sample = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    cols = tile * TILE + tl.arange(0, TILE)
-    mask = cols < sample_numel
-    offs = sample * sample_numel + cols
+    tile, sample, offs, mask = sample_tile(sample_numel, TILE)
     t = tl.arange(0, TILES_POW2)
     abs_sum = total(tl.load(partial_ptr + sample * n_tiles + t, mask=t < n_tiles, other=0.0), 0)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mo = tl.load(mom_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = load_f32(grad_ptr, offs, mask)
+    a = load_f32(adv_ptr, offs, mask)
+    x = load_f32(x_ptr, offs, mask)
+    mo = load_f32(mom_ptr, offs, mask)
     e = sample_eps(eps, eps_ptr, sample, PER_SAMPLE_EPS)
     step = sample_eps(alpha, alpha_ptr, sample, PER_SAMPLE_ALPHA)
     a, mo = _step(a, x, g, mo, abs_sum, numel_f, decay, step, e, DT)
