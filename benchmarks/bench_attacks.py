@@ -464,12 +464,7 @@ def main(argv=None):
     if notes:
         print("\nSkipped:\n" + "\n".join(f"- {n}" for n in notes))
     if not args.no_write and rows:
-        json_path = args.out_json
-        md_path = args.out_md or (json_path[: -len(".json")] + ".md" if json_path and json_path.endswith(".json") else None)
-        if json_path is None:
-            json_path, default_md = results.default_paths(device)
-            md_path = md_path or default_md
-        written = results.write_results(rows, json_path, md_path, device=device)
+        written = results.write_results(rows, args.out_json, args.out_md, device=device)
         print(f"\nwrote {written[0]} and {written[1]}")
     return rows
 

@@ -18,6 +18,7 @@ copy moves the same number of bytes (read + write) as the op ideally does.
     python -m benchmarks.bench_kernels --shapes 128x3x32x32 --dtypes fp32 --no-write
 """
 import argparse
+import functools
 import os
 import sys
 
@@ -84,7 +85,7 @@ def bench_case(op, shape, dtype_name, device, *, repeats, clock="wall"):
     nbytes = TRAFFIC[op] * numel * adv.element_size()
     fused_fn, ref_fn = op_callables(op, adv, x, grad, noise)
     src, dst = copy_buffers(numel, TRAFFIC[op], dtype, device)
-    copy_fn = lambda: dst.copy_(src)  # noqa: E731
+    copy_fn = functools.partial(dst.copy_, src)
     row = {
         "bench": "kernels", "case": f"{op}/{'x'.join(map(str, shape))}/{dtype_name}/{device.type}",
         "op": op, "shape": "x".join(map(str, shape)), "dtype": dtype_name, "device_kind": device.type,
@@ -156,7 +157,7 @@ def main(argv=None):
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; expected {tuple(DTYPES)}")
     if device.type != "cuda":
-        print(f"note: no CUDA device; timing backend 'torch' (the eager reference chain) and a torch copy only. "
+        print("note: no CUDA device; timing backend 'torch' (the eager reference chain) and a torch copy only. "
               "The fused Triton kernels are GPU-only.", file=sys.stderr)
 
     from tqdm import tqdm
@@ -180,12 +181,7 @@ def main(argv=None):
     if device.type != "cuda":
         print("\n" + CPU_NOTE)
     if not args.no_write:
-        json_path = args.out_json
-        md_path = args.out_md or (str(json_path)[: -len(".json")] + ".md" if json_path and json_path.endswith(".json") else None)
-        if json_path is None:
-            json_path, default_md = results.default_paths(device)
-            md_path = md_path or default_md
-        written = results.write_results(rows, json_path, md_path, device=device)
+        written = results.write_results(rows, args.out_json, args.out_md, device=device)
         print(f"\nwrote {written[0]} and {written[1]}")
     return rows
 

@@ -130,13 +130,14 @@ def merge_rows(old: list, new: list) -> list:
 def write_results(rows: list, json_path=None, md_path=None, *, device=None) -> tuple:
     """Merge rows into the JSON file (replacing same (bench, case)) and rewrite the Markdown.
 
-    Paths default to benchmarks/results/<device-slug>.{json,md}. Returns the paths written.
+    Paths default to benchmarks/results/<device-slug>.{json,md}; the Markdown path to
+    the JSON path with .md. Returns the paths written.
     """
-    if json_path is None or md_path is None:
-        dj, dm = default_paths(device if device is not None else "cpu")
-        json_path = json_path or dj
-        md_path = md_path or dm
-    json_path, md_path = pathlib.Path(json_path), pathlib.Path(md_path)
+    if json_path is None:
+        json_path, default_md = default_paths(device if device is not None else "cpu")
+        md_path = md_path or default_md
+    json_path = pathlib.Path(json_path)
+    md_path = pathlib.Path(md_path) if md_path else json_path.with_suffix(".md")
     merged = merge_rows(load_rows(json_path), rows)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"schema": 1, "rows": merged}, indent=1, sort_keys=False) + "\n")

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from benchmarks import models as bench_models
+from benchmarks.bench_kernels import make_inputs
 
 torchattacks = pytest.importorskip("torchattacks")
 fastadv = pytest.importorskip("fastadv")
@@ -92,12 +93,7 @@ def test_pgd10_cpu(benchmark, lib, model_name, batch):
 
 
 def step_inputs(shape, dtype, device="cpu"):
-    g = torch.Generator().manual_seed(SEED)
-    x = torch.rand(shape, generator=g)
-    adv = (x + (torch.rand(shape, generator=g) * 2 - 1) * (8 / 255)).clamp(0, 1)
-    grad = torch.randn(shape, generator=g)
-    noise = (torch.rand(shape, generator=g) * 2 - 1) * (8 / 255)
-    return [t.to(device=device, dtype=dtype) for t in (adv, x, grad, noise)]
+    return make_inputs(shape, dtype, device, SEED)
 
 
 def torchattacks_linf(adv, x, grad, alpha, eps):

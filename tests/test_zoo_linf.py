@@ -19,7 +19,7 @@ import torchattacks
 import fastadv
 from fastadv import kernels, reference
 from fastadv.engine import CrossEntropyGradient
-from fastadv.models import MLP, SmallCNN
+from fastadv.models import SmallCNN
 from helpers import assert_equal, poisoned_like
 
 # Per-step bound of the MIFGSM kernel vs its twin, relative to |grad / mean| + |momentum|:
