@@ -1,6 +1,6 @@
 """The ``fastadv`` command: adversarial training and robust evaluation.
 
-    fastadv train --data digits --method pgd --eps 0.2 --epochs 30 --out model.pt
+    fastadv train --data digits --method pgd --eps 0.2 --epochs 30 --out model.pt [--state train.state]
     fastadv eval  --data digits --checkpoint model.pt --attack pgd-50,apgd-ce --eps 0.2 \\
                   --report report.json --state state.pt [--plots DIR]
     fastadv demo  [--quick] [--quiet] [--device D] [--json PATH]
@@ -19,8 +19,9 @@ rank 0 writes files and prints.
 
 Errors in the input (unknown method or attack, a checkpoint that does not fit the
 model, unusable data, labels outside the model's classes, a state file of another
-evaluation) print one clear line and exit with status 1; no existing file is
-overwritten unless --overwrite is given (a matching --state file is resumed).
+evaluation or training run) print one clear line and exit with status 1; no existing
+file is overwritten unless --overwrite is given (a matching --state file is resumed).
+An interrupted ``train`` (Ctrl-C) prints one line and exits with status 130.
 """
 import argparse
 import contextlib
@@ -143,11 +144,35 @@ def _print(msg, quiet=False):
 # -- train ---------------------------------------------------------------------------------
 
 def cmd_train(args):
+    try:
+        return _train(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's status for SIGINT
+        if int(os.environ.get("RANK", "0")) == 0:
+            if args.state:
+                print(f"fastadv train: interrupted; progress up to the last saved step is in {args.state}: "
+                      "run the same command again to resume", file=sys.stderr, flush=True)
+            else:
+                print("fastadv train: interrupted; nothing was saved (pass --state PATH to make training resumable)",
+                      file=sys.stderr, flush=True)
+        return 130
+
+
+def _train(args):
     from fastadv.train import TrainConfig, accuracy, fit
 
     _check_output(args.out, args.overwrite, "--out")
     _check_output(args.report, args.overwrite, "--report")
-    _distinct(out=args.out, report=args.report)
+    if args.state is not None:  # an existing state is resumed (or refused), never overwritten by another run
+        if os.path.isdir(args.state):
+            raise CLIError(f"--state {args.state} is a folder, expected a file path")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.state))):
+            raise CLIError(f"the folder of --state {args.state} does not exist")
+    if args.save_every is not None:
+        if args.state is None:
+            raise CLIError("--save-every needs --state PATH to save to")
+        if args.save_every < 1:
+            raise CLIError(f"--save-every must be >= 1 (training steps), got {args.save_every}")
+    _distinct(out=args.out, report=args.report, state=args.state)
     if args.method != "plain" and args.eps is None:
         raise CLIError(f"--eps is required for --method {args.method}")
     try:
@@ -160,7 +185,7 @@ def cmd_train(args):
     x, y, _ = datasets.load_data(args.data, args.split or "train", args.limit)
     held_out = datasets.load_data("digits", "test") if args.data == "digits" and (args.split or "train") == "train" else None
     with distributed(device):
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same initial model on every run: --state checks it before resuming
         model, spec, kwargs = _model_for(args, x, y)
         model.to(device)
         _check_labels(y, _probe_classes(model, x, device), args.data)
@@ -173,7 +198,8 @@ def cmd_train(args):
         t0 = time.perf_counter()
         history = fit(net, x, y, cfg, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
-                      progress=not args.quiet)
+                      progress=not args.quiet, state_path=args.state, save_every=args.save_every,
+                      log=lambda m: _print(m, args.quiet))
         seconds = time.perf_counter() - t0  # model: the bare module inside any DDP / compile wrapper
         result = {
             "method": args.method, "config": cfg.to_dict(), "data": args.data, "n_train": len(y),
@@ -401,6 +427,9 @@ def build_parser():
     t.add_argument("--lr", type=float, default=1e-2)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    t.add_argument("--state", help="resumable training state: created, resumed if it matches, refused otherwise "
+                   "(saved after every epoch, every --save-every steps, and on Ctrl-C)")
+    t.add_argument("--save-every", type=int, metavar="N", help="with --state, also save every N training steps")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="robust accuracy under a cascade of attacks",

@@ -26,9 +26,25 @@ A ``torch.compile``'d model works as is (the attack runs the compiled forward).
 Distributed: ``fit`` shards every global batch across the ranks and scales each
 rank's summed loss by world / global batch size, so DDP's gradient average equals
 the gradient of the mean loss over the global batch.
+
+Resuming: ``fit(..., state_path=P, save_every=k)`` writes a training state atomically
+after every epoch and every k training steps (model, optimizer, LR scheduler,
+GradScaler, Free AT's perturbation, RNG states, history, position; each rank's own
+RNG, perturbation and buffers under torch.distributed), with a fingerprint of the run
+and a checksum. Started again with the same arguments, fit continues from it and
+ends bit for bit where an uninterrupted run ends; a state of another run, or a
+corrupt one, raises TrainStateError and is left as it is. Batches depend only on
+(seed, epoch), so resuming mid-epoch skips the batches already done. In the main
+thread of a single process, Ctrl-C (SIGINT) lets the current step finish, saves, and
+raises KeyboardInterrupt; a second Ctrl-C interrupts at once.
 """
 import contextlib
+import hashlib
+import json
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -39,6 +55,7 @@ import torch.nn.functional as F
 from fastadv.attacks.pgd import pgd_loop
 from fastadv.attacks.tpgd import tpgd_loop
 from fastadv.engine import EngineOptions, autocast_dtype, model_device, model_guard
+from fastadv.evaluate import StateFileError, atomic_save, data_digest, model_digest, progress_bar, tensor_digest
 
 METHODS = ("plain", "pgd", "trades", "fgsm-rs", "free")
 
@@ -239,7 +256,7 @@ class Trainer:
         return total / cfg.replays
 
 
-# -- the reference trainer --------------------------------------------------------------------
+# -- helpers of the reference trainer --------------------------------------------------------
 
 def _world():
     import torch.distributed as dist
@@ -268,8 +285,206 @@ def global_batches(n, batch_size, epoch, seed, shuffle=True):
     return list(order.split(batch_size))
 
 
+# -- the resumable training state ---------------------------------------------------------------
+
+TRAIN_STATE_FORMAT = "fastadv-train-state"
+TRAIN_STATE_VERSION = 1
+
+
+class TrainStateError(StateFileError):
+    """A training state file that belongs to another run, or is corrupt, truncated or foreign."""
+
+
+def _digest(h, obj):
+    """Feed a nested structure of tensors, dicts, lists and scalars into the hash h."""
+    if isinstance(obj, torch.Tensor):
+        h.update(b"T")
+        tensor_digest(h, obj)
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            _digest(h, k)
+            _digest(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _digest(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _checksum(state: dict) -> str:
+    h = hashlib.sha256()
+    _digest(h, {k: v for k, v in state.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def load_train_state(path, description: dict = None) -> dict:
+    """The training state in path, checked: readable, a fastadv training state of this
+    version, intact (checksum), and, given the run's description, of this run.
+
+    Raises TrainStateError and leaves the file as it is otherwise.
+    """
+    path = os.fspath(path)
+    hint = f"delete {path} to start over, or pass another state file"
+    try:  # tensors, dicts, lists, numbers and strings only: no code runs while loading
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage, empty file, ...
+        raise TrainStateError(f"training state file {path} is corrupt or truncated and cannot be read "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise TrainStateError(f"{path} is not a fastadv training state file; {hint}")
+    if state.get("version") != TRAIN_STATE_VERSION:
+        raise TrainStateError(f"training state file {path} has version {state.get('version')!r}, this fastadv reads "
+                              f"{TRAIN_STATE_VERSION}; {hint}")
+    if state.get("checksum") != _checksum(state):
+        raise TrainStateError(f"training state file {path} is corrupt (its checksum does not match its content); {hint}")
+    if description is not None and state.get("fingerprint") != description["fingerprint"]:
+        theirs = state.get("description") or {}
+        diffs = [f"{k}: state file has {theirs.get(k)!r}, this run {description.get(k)!r}"
+                 for k in sorted(set(theirs) | set(description)) if k != "fingerprint" and theirs.get(k) != description.get(k)]
+        raise TrainStateError(f"training state file {path} belongs to another training run ("
+                              + ("; ".join(diffs) if diffs else "different fingerprint") + f"); {hint}")
+    return state
+
+
+def _run_description(net, x, y, cfg, opt, optimizer, lr, weight_decay, **run) -> dict:
+    """What makes two fit calls the same run; its hash is the state's fingerprint."""
+    d = {f"config.{k}": v for k, v in cfg.to_dict().items()}
+    d.update(run)
+    named = isinstance(optimizer, str)
+    d["optimizer"] = optimizer if named else type(opt).__name__
+    for key, value in (("lr", lr), ("weight_decay", weight_decay)):
+        value = value if named else opt.defaults.get(key)
+        d[key] = float(value) if isinstance(value, (int, float)) else value  # 1 and 1.0: the same run
+    d["n"] = len(y)
+    d["data_sha256"] = data_digest(x, y)
+    d["model_sha256"] = model_digest(net)  # the initial weights: the same model, built the same way
+    d = json.loads(json.dumps(d, default=str))  # as it reads back from the file (tuples -> lists, ...)
+    d["fingerprint"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    return d
+
+
+class _Checkpoint:
+    """Saves and restores everything fit needs to continue bit for bit."""
+
+    def __init__(self, path, description, net, trainer, sched, device, world, rank):
+        self.path, self.description, self.net, self.trainer, self.sched = os.fspath(path), description, net, trainer, sched
+        self.device, self.world, self.rank = device, world, rank
+
+    def _rank_part(self, history, loss_sum, seconds):
+        """This rank's own state: RNG, Free AT's delta, loss sums (history) and, under
+        DDP, buffers (each rank's BatchNorm statistics drift until the next forward)."""
+        delta = self.trainer._delta
+        part = {"rng_cpu": torch.get_rng_state(), "history": [dict(h) for h in history],
+                "loss_sum": loss_sum.detach().cpu().clone(), "seconds": float(seconds),
+                "delta": None if delta is None else delta.detach().cpu().clone()}
+        if self.device.type == "cuda":
+            part["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world > 1:
+            part["buffers"] = {k: b.detach().cpu().clone() for k, b in self.net.named_buffers()}
+        return part
+
+    def save(self, epoch, step, history, loss_sum, seconds, finished=False):
+        """epoch and step: the position to continue from (epochs and steps done)."""
+        part = self._rank_part(history, loss_sum, seconds)
+        parts = [part]
+        if self.world > 1:  # a collective: every rank reaches the same save points
+            import torch.distributed as dist
+
+            parts = [None] * self.world
+            dist.all_gather_object(parts, part)
+        if self.rank != 0:
+            return
+        trainer = self.trainer
+        state = {
+            "format": TRAIN_STATE_FORMAT, "version": TRAIN_STATE_VERSION,
+            "fingerprint": self.description["fingerprint"], "description": self.description,
+            "epoch": epoch, "step": step, "finished": finished,
+            "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": None if self.sched is None else self.sched.state_dict(),
+            "scaler": None if trainer.scaler is None else trainer.scaler.state_dict(),
+            "ranks": parts,
+        }
+        state["checksum"] = _checksum(state)
+        atomic_save(state, self.path)
+
+    def restore(self):
+        """Loads a matching state into the model, optimizer, scheduler, scaler, Free AT's
+        delta and the RNG; returns (state, this rank's part), or None without a state file."""
+        state = None
+        if self.rank == 0 and os.path.exists(self.path):
+            try:
+                state = load_train_state(self.path, self.description)
+                if not isinstance(state.get("ranks"), list) or len(state["ranks"]) != self.world:
+                    raise TrainStateError(f"training state file {self.path} has no per-rank state for "
+                                          f"{self.world} processes")
+            except TrainStateError as e:
+                state = e
+        if self.world > 1:  # rank 0's verdict and state, for every rank
+            import torch.distributed as dist
+
+            box = [state]
+            dist.broadcast_object_list(box, src=0)
+            state = box[0]
+        if isinstance(state, TrainStateError):
+            raise state
+        if state is None:
+            return None
+        trainer, part = self.trainer, state["ranks"][self.rank]
+        self.net.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        if trainer.scaler is not None and state["scaler"]:
+            trainer.scaler.load_state_dict(state["scaler"])
+        with torch.no_grad():
+            for name, b in self.net.named_buffers():
+                if name in part.get("buffers", {}):
+                    b.copy_(part["buffers"][name])
+        trainer._delta = None if part["delta"] is None else part["delta"].to(self.device)
+        torch.set_rng_state(part["rng_cpu"])
+        if self.device.type == "cuda" and part.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(part["rng_cuda"], self.device)
+        return state, part
+
+
+class _StopRequest:
+    """Ctrl-C as a request: fit finishes the current step, saves, then raises
+    KeyboardInterrupt. A second Ctrl-C raises at once."""
+
+    requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextlib.contextmanager
+def _deferred_sigint(enabled):
+    """Installs _StopRequest for SIGINT while fit runs, where that is safe: the main
+    thread, Python's default handler in place (a handler of the caller's is kept)."""
+    stop = _StopRequest()
+    main = threading.current_thread() is threading.main_thread()
+    if not (enabled and main and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        yield stop
+        return
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# -- the reference trainer --------------------------------------------------------------------
+
 def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="adam", lr=1e-2, weight_decay=0.0,
-        schedule="cosine", seed=0, shuffle=True, progress=False, on_epoch=None):
+        schedule="cosine", seed=0, shuffle=True, progress=False, on_epoch=None, state_path=None, save_every=None,
+        log=None):
     """Train model on (x, y) with cfg's method; returns a list of per-epoch records.
 
     Under torch.distributed (model wrapped in DDP by the caller) every rank must pass
@@ -277,45 +492,87 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
     contiguous shards and rank r trains on shard r; batches smaller than the world
     are skipped. x and y may live on the CPU; batches move to the model's device.
     schedule: 'cosine' (per step, to zero) or 'constant'.
-    """
-    from fastadv.evaluate import progress_bar
 
+    state_path: the resumable training state (see the module docs): written after
+    every epoch and, with save_every=k, every k training steps (batches); if it
+    exists, fit continues from it (a finished one: no training, the saved history and
+    weights), or raises TrainStateError if it is not this run's. log: a callable for
+    one-line messages (resuming).
+    """
+    if save_every is not None:
+        if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+            raise ValueError(f"save_every must be a positive int (training steps), got {save_every!r}")
+        if state_path is None:
+            raise ValueError("save_every needs a state_path to save to")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown schedule {schedule!r}: expected 'cosine' or 'constant'")
     device = model_device(attack_view(model), torch.device("cpu"))
     opt = make_optimizer(model, optimizer, lr, weight_decay) if isinstance(optimizer, str) else optimizer
     trainer = Trainer(model, opt, cfg)
     world, rank = _world(), _rank()
-    steps_per_epoch = len([b for b in global_batches(len(y), batch_size, 0, seed, shuffle) if len(b) >= world])
+
+    def batches(epoch):
+        return [b for b in global_batches(len(y), batch_size, epoch, seed, shuffle) if len(b) >= world]
+
+    steps_per_epoch = len(batches(0))
     total_steps = max(epochs * steps_per_epoch, 1)
+    sched = None
     if schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    elif schedule == "constant":
-        sched = None
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}: expected 'cosine' or 'constant'")
-    history = []
-    bar = progress_bar(epochs, enabled=progress and rank == 0, desc=f"train {cfg.method}", unit="epoch")
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        n_steps = 0
-        for idx in global_batches(len(y), batch_size, epoch, seed, shuffle):
-            if len(idx) < world:
-                continue
-            local = idx.tensor_split(world)[rank]
-            xb, yb = x[local].to(device, non_blocking=True), y[local].to(device, non_blocking=True)
-            loss_sum += trainer.step(xb, yb, n_global=len(idx))
-            n_steps += 1
-            if sched is not None:
-                sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        record = {"epoch": epoch + 1, "loss": (loss_sum / max(n_steps, 1)).item(), "seconds": time.perf_counter() - t0,
-                  "steps": n_steps}
-        history.append(record)
-        bar.set_description(f"train {cfg.method} loss {record['loss']:.4f}")
-        bar.update(1)
-        if on_epoch is not None:
-            on_epoch(record)
+
+    history, start_epoch, start_step, partial = [], 0, 0, None
+    ckpt = None
+    if state_path is not None:
+        net = attack_view(model)
+        net = getattr(net, "_orig_mod", net)  # the bare module: the state does not depend on torch.compile
+        description = _run_description(net, x, y, cfg, opt, optimizer, lr, weight_decay, epochs=epochs,
+                                       batch_size=batch_size, schedule=schedule, seed=seed, shuffle=shuffle, world_size=world)
+        ckpt = _Checkpoint(state_path, description, net, trainer, sched, device, world, rank)
+        restored = ckpt.restore()
+        if restored is None:
+            ckpt.save(0, 0, history, torch.zeros(()), 0.0, finished=epochs == 0)
+        else:
+            state, partial = restored
+            history, start_epoch, start_step = partial["history"], state["epoch"], state["step"]
+            if log is not None:
+                log(f"resuming from {state_path}: " + ("finished" if state["finished"] else
+                                                      f"epoch {start_epoch + 1}, step {start_step}"))
+
+    bar = progress_bar(epochs, enabled=progress and rank == 0, desc=f"train {cfg.method}", unit="epoch",
+                       initial=min(start_epoch, epochs))
+    with _deferred_sigint(ckpt is not None and world == 1) as stop:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            loss_sum, seconds, first = torch.zeros((), device=device), 0.0, 0
+            if epoch == start_epoch and start_step > 0:  # continue a saved partial epoch
+                loss_sum, seconds, first = partial["loss_sum"].to(device), partial["seconds"], start_step
+            epoch_batches = batches(epoch)
+            for n_steps, idx in enumerate(epoch_batches[first:], start=first + 1):
+                local = idx.tensor_split(world)[rank]
+                xb, yb = x[local].to(device, non_blocking=True), y[local].to(device, non_blocking=True)
+                loss_sum += trainer.step(xb, yb, n_global=len(idx))
+                if sched is not None:
+                    sched.step()
+                if ckpt is not None and n_steps < len(epoch_batches):  # the epoch's end saves below
+                    due = save_every is not None and (epoch * steps_per_epoch + n_steps) % save_every == 0
+                    if due or stop.requested:
+                        ckpt.save(epoch, n_steps, history, loss_sum, seconds + time.perf_counter() - t0)
+                    if stop.requested:
+                        raise KeyboardInterrupt
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            n_steps = len(epoch_batches)
+            record = {"epoch": epoch + 1, "loss": (loss_sum / max(n_steps, 1)).item(),
+                      "seconds": seconds + time.perf_counter() - t0, "steps": n_steps}
+            history.append(record)
+            if ckpt is not None:
+                ckpt.save(epoch + 1, 0, history, torch.zeros(()), 0.0, finished=epoch + 1 == epochs)
+                if stop.requested:
+                    raise KeyboardInterrupt
+            bar.set_description(f"train {cfg.method} loss {record['loss']:.4f}")
+            bar.update(1)
+            if on_epoch is not None:
+                on_epoch(record)
     bar.close()
     attack_view(model).eval()
     return history
