@@ -15,11 +15,14 @@ in the reference's order, so the draws equal the reference's after
 torch.manual_seed(seed) while the caller's global RNG state is left untouched.
 
 Host syncs: the reference gathers the unfooled samples with .nonzero() every query.
-Here the working batch is gathered every compact_every queries (1 on CPU, where a
-sync is free and the model then sees exactly the reference's batches; 16 on
-accelerators for Linf); in between, the updates are masked on the working batch and
-a period's random draws go to the device in one copy. L2 gathers every query: how
-many signs it draws depends on how many samples are left.
+With compact_every=1 (the CPU default, and always for L2, whose draws depend on how
+many samples are left) the model sees exactly the reference's batches: one test per
+query tells whether a sample left the working batch, and only then is it gathered
+anew (a robust model keeps the same batch for thousands of queries, so the per-query
+gathers and scatters of the reference are skipped); the Linf draws are made a block
+of queries at a time. With compact_every=k > 1 (16 on accelerators, Linf) the working
+batch is gathered every k queries; in between, the updates are masked on the working
+batch and a period's random draws go to the device in one copy.
 
 For AutoAttack: square_loop(forward, x, y, eps=, norm=, n_queries=, n_restarts=,
 p_init=, loss=, resc_schedule=, seed=, arithmetic='original', return_success=)
@@ -184,16 +187,16 @@ def margin_and_loss(forward, x, y, *, loss, targeted, original):
     margin = z_y - max_{k != y} z_k (targeted: the negation, y being the target).
     """
     logits = forward(x)
-    xent = F.cross_entropy(logits, y, reduction="none")
-    rows = torch.arange(x.shape[0], device=logits.device)
-    y_corr = logits[rows, y]
-    y_others = logits.index_put((rows, y), torch.tensor(-float("inf"), dtype=logits.dtype, device=logits.device)).max(dim=-1)[0]
+    column = y.long().unsqueeze(1)
+    y_corr = logits.gather(1, column).squeeze(1)
+    y_others = logits.scatter(1, column, -float("inf")).max(dim=-1)[0]
+    # the cross-entropy only where it is the loss (the reference computes it always)
     if not targeted:
         margin = y_corr - y_others
-        return margin, (-1.0 * xent if loss == "ce" else margin)
+        return margin, (-1.0 * F.cross_entropy(logits, y, reduction="none") if loss == "ce" else margin)
     margin = y_others - y_corr
     if original or loss == "ce":
-        return margin, xent
+        return margin, F.cross_entropy(logits, y, reduction="none")
     return margin, margin
 
 
@@ -316,6 +319,11 @@ def square_single_run(forward, x, y, *, eps, draws, norm="Linf", n_queries=5000,
     x_best = _linf_start(x, eps, draws) if norm == "Linf" else _l2_start(x, eps, draws)
     margin_min, loss_min = margin_and_loss(forward, x_best, y, loss=loss, targeted=targeted, original=original)
     n_used = torch.ones(n, device=x.device)
+    if k_every == 1:
+        _run_exact(forward, x, y, x_best, margin_min, loss_min, n_used, eps=eps, draws=draws, norm=norm,
+                   n_queries=n_queries, p_init=p_init, loss=loss, resc_schedule=resc_schedule, targeted=targeted,
+                   original=original)
+        return x_best, margin_min, n_used
     eps_t = isinstance(eps, torch.Tensor)
     view = [-1] + [1] * (x.dim() - 1)
 
@@ -370,6 +378,125 @@ def square_single_run(forward, x, y, *, eps, draws, norm="Linf", n_queries=5000,
                 draws.skip(executed * (2 + c))
         it = period.stop
     return x_best, margin_min, n_used
+
+
+class _LinfBlocks:
+    """The Linf queries' draws, a block of queries at a time (one generator call and a
+    few ops per block instead of per query), consumed in the reference's order (per
+    query: the window's row, its column, then C signs).
+
+    The draws per query are fixed (2 + C uniforms), so drawing ahead gives the same
+    numbers; finish() puts the generator where the reference leaves it, just past
+    the queries actually run.
+    """
+
+    BLOCK = 256
+
+    def __init__(self, draws, c, h, w, n_queries, side):
+        self.draws, self.c, self.h, self.w = draws, c, h, w
+        self.n_queries, self.side = n_queries, side
+        self.start = self.stop = 0
+        self.state = None
+
+    def take(self, j):
+        """(vh, vw, signs [C, 1, 1] on the device) of query j (queries come in order)."""
+        if j >= self.stop:
+            self._draw(j)
+        t = j - self.start
+        return self.rows[t], self.cols[t], self.signs[t]
+
+    def _draw(self, j):
+        k = min(self.BLOCK, self.n_queries - j)
+        self.state = self.draws.generator.get_state()
+        u = self.draws.uniform([k * (2 + self.c)]).view(k, 2 + self.c)
+        sides = [self.side(i) for i in range(j, j + k)]
+        # int((0 + high * u).long()) per query, as Draws.integer, for the whole block
+        highs = torch.tensor([[self.h - s, self.w - s] for s in sides], dtype=u.dtype)
+        pos = (0 + highs * u[:, :2]).long().tolist()
+        self.rows, self.cols = [p[0] for p in pos], [p[1] for p in pos]
+        self.signs = torch.sign(2 * u[:, 2:] - 1).view(k, self.c, 1, 1).to(self.draws.device)
+        self.start, self.stop = j, j + k
+
+    def finish(self, next_query):
+        """Rewind the generator to just after the draws of queries < next_query."""
+        if self.state is not None and next_query < self.stop:
+            self.draws.generator.set_state(self.state)
+            self.draws.skip((next_query - self.start) * (2 + self.c))
+
+
+def _run_exact(forward, x, y, x_best, margin_min, loss_min, n_used, *, eps, draws, norm, n_queries, p_init, loss,
+               resc_schedule, targeted, original):
+    """The queries on exactly the reference's batches (compact_every=1), updating x_best,
+    margin_min, loss_min and n_used in place.
+
+    The working batch (the samples with margin > 0) is gathered only when it changes:
+    a sample leaves it once fooled and never comes back, so one test per query (one
+    sync, where the reference syncs on nonzero) tells whether the batch of the next
+    query is the same one; only then are the working tensors written back and the
+    batch gathered anew. Each query's arithmetic is the reference's on the same rows.
+    """
+    n, c, h, w = x.shape
+    n_features = c * h * w
+    eps_t = isinstance(eps, torch.Tensor)
+    view = [-1] + [1] * (x.dim() - 1)
+
+    def side(j):
+        return window_side(j, n_queries, p_init, resc_schedule, n_features, c, h, w, norm, original)
+
+    blocks = _LinfBlocks(draws, c, h, w, n_queries, side) if norm == "Linf" else None
+    idx = None  # the working batch's rows in the full tensors; None: not gathered
+    xw = yw = ew = xbw = mw = lw = qw = lo = hi = window_eps = None  # the working batch's tensors
+    it = 0
+    while it < n_queries:
+        if idx is not None and not bool((mw > 0.0).all()):
+            x_best[idx], margin_min[idx], loss_min[idx], n_used[idx] = xbw, mw, lw, qw
+            idx = None
+        if idx is None:
+            # the reference's loop test, then its gather of the unfooled samples
+            idx = (margin_min > 0.0).nonzero().flatten()
+            if idx.numel() == 0:
+                idx = None
+                if not (original and bool(_keep_running(margin_min, it, original))):
+                    break
+                # 'original' may run a query on no sample: only its draws remain
+                if blocks is not None:
+                    blocks.take(it)
+                else:
+                    draws.skip(5)
+                it += 1
+                continue
+            xw, yw = x[idx], y[idx]
+            ew = eps[idx] if eps_t else eps
+            xbw, mw, lw, qw = x_best[idx], margin_min[idx], loss_min[idx], n_used[idx]
+            if norm == "Linf":
+                ep = _per_sample(ew, xw)
+                lo, hi = xw - ep, xw + ep
+                if eps_t:
+                    window_eps = 2.0 * ep
+        s = side(it)
+        if norm == "Linf":
+            vh, vw, value = blocks.take(it)
+            if eps_t:
+                new_deltas = torch.zeros_like(xbw)
+                new_deltas[:, :, vh:vh + s, vw:vw + s] = window_eps * value
+            else:
+                new_deltas = torch.zeros([c, h, w], dtype=xbw.dtype, device=xbw.device)
+                new_deltas[:, vh:vh + s, vw:vw + s] = 2.0 * eps * value
+            x_new = torch.min(torch.max(xbw + new_deltas, lo), hi).clamp_(0.0, 1.0)
+        else:
+            x_new = _l2_candidate(xw, xbw, ew, s, draws, original)
+        margin, loss_new = margin_and_loss(forward, x_new, yw, loss=loss, targeted=targeted, original=original)
+        improved = (loss_new < lw).float()
+        lw = _blend(improved, loss_new, lw)
+        improved = torch.max(improved, (margin <= 0.0).float())
+        mw = _blend(improved, margin, mw)
+        xbw = _blend(improved.view(view), x_new, xbw)
+        qw = qw + 1.0
+        it += 1
+    if idx is not None:
+        x_best[idx], margin_min[idx], loss_min[idx], n_used[idx] = xbw, mw, lw, qw
+    if blocks is not None:
+        blocks.finish(it)
 
 
 # -- restarts, the reference's perturb -------------------------------------------------------------
