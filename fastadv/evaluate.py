@@ -215,6 +215,25 @@ def atomic_write_text(text, path):
     os.replace(tmp, path)
 
 
+def read_state_file(path, fmt: str, version: int, what: str, error=None):
+    """A state file's dict, loaded with weights_only (no code runs) and checked for its
+    format tag and version; returns (state, hint). Raises error (StateFileError by
+    default) and leaves the file as it is otherwise."""
+    error = error or StateFileError
+    path = os.fspath(path)
+    hint = f"delete {path} to start over, or pass another state file"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage, empty file, ...
+        raise error(f"{what} {path} is corrupt or truncated and cannot be read "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise error(f"{path} is not a fastadv {what}; {hint}")
+    if state.get("version") != version:
+        raise error(f"{what} {path} has version {state.get('version')!r}, this fastadv reads {version}; {hint}")
+    return state, hint
+
+
 def load_state(path, description: dict, n_units: int, n_samples: int, n_batches: int):
     """The (flags, done) of a state file written by this same evaluation.
 
@@ -222,16 +241,7 @@ def load_state(path, description: dict, n_units: int, n_samples: int, n_batches:
     a fastadv evaluation state, fails its checksum, or has another fingerprint.
     """
     path = os.fspath(path)
-    hint = f"delete {path} to start over, or pass another state file"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage, empty file, ...
-        raise StateFileError(f"state file {path} is corrupt or truncated and cannot be read "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise StateFileError(f"{path} is not a fastadv evaluation state file; {hint}")
-    if state.get("version") != STATE_VERSION:
-        raise StateFileError(f"state file {path} has version {state.get('version')!r}, this fastadv reads {STATE_VERSION}; {hint}")
+    state, hint = read_state_file(path, STATE_FORMAT, STATE_VERSION, "evaluation state file")
     flags, done = state.get("flags"), state.get("done")
     shapes_ok = (isinstance(flags, torch.Tensor) and isinstance(done, torch.Tensor) and flags.dtype == torch.bool
                  and done.dtype == torch.bool and flags.dim() == 2 and done.dim() == 2)

@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from fastadv.attacks.pgd import pgd_loop
 from fastadv.attacks.tpgd import tpgd_loop
 from fastadv.engine import EngineOptions, autocast_dtype, model_device, model_guard
-from fastadv.evaluate import StateFileError, atomic_save, data_digest, model_digest, progress_bar, tensor_digest
+from fastadv.evaluate import (StateFileError, atomic_save, data_digest, model_digest, progress_bar, read_state_file,
+                              tensor_digest)
 
 METHODS = ("plain", "pgd", "trades", "fgsm-rs", "free")
 
@@ -328,17 +329,7 @@ def load_train_state(path, description: dict = None) -> dict:
     Raises TrainStateError and leaves the file as it is otherwise.
     """
     path = os.fspath(path)
-    hint = f"delete {path} to start over, or pass another state file"
-    try:  # tensors, dicts, lists, numbers and strings only: no code runs while loading
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage, empty file, ...
-        raise TrainStateError(f"training state file {path} is corrupt or truncated and cannot be read "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
-    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
-        raise TrainStateError(f"{path} is not a fastadv training state file; {hint}")
-    if state.get("version") != TRAIN_STATE_VERSION:
-        raise TrainStateError(f"training state file {path} has version {state.get('version')!r}, this fastadv reads "
-                              f"{TRAIN_STATE_VERSION}; {hint}")
+    state, hint = read_state_file(path, TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION, "training state file", TrainStateError)
     if state.get("checksum") != _checksum(state):
         raise TrainStateError(f"training state file {path} is corrupt (its checksum does not match its content); {hint}")
     if description is not None and state.get("fingerprint") != description["fingerprint"]:
