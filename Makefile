@@ -28,9 +28,12 @@ test-fast: venv
 demo: venv
 	$(BIN)/python -m fastadv demo $(DEMO_ARGS)
 
+# The CPU benchmark suite (one thread, CPU-time medians); on a GPU machine: bash benchmarks/gpu.sh all
 bench: venv
-	$(BIN)/python -m benchmarks.bench_kernels
-	$(BIN)/python -m benchmarks.bench_attacks
+	$(BIN)/python -m benchmarks.bench_kernels --threads 1 --clock cpu --quiet
+	$(BIN)/python -m benchmarks.bench_attacks --quick --threads 1 --clock cpu --quiet
+	$(BIN)/python -m benchmarks.bench_autoattack_cpu
+	$(BIN)/python -m benchmarks.plot benchmarks/results
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -19,6 +19,11 @@ perf_counter.
   the pair is re-run with deterministic algorithms for this check only.
 - Modes: 'exact' (default arguments) and 'fast' when fastadv's attack takes
   ``precision`` / ``channels_last`` keyword arguments (skipped otherwise).
+- Outcomes: the fraction of samples fastadv's output fools (success), and the
+  reference's (for AutoAttack: 1 - robust accuracy, inputs starting correct); for fast mode
+  also exact mode's success with the same seed and the agreement: the fraction of
+  samples fooled in both modes or in neither. The two trained models (digits-cnn,
+  robust-resnet18) are where the agreement means something.
 
     python -m benchmarks.bench_attacks --quick                       # CPU, small sizes
     python -m benchmarks.bench_attacks --models resnet18,wrn-28-10   # CUDA defaults
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from benchmarks import models as bench_models
 from benchmarks import results, timing
 
-SMALL_MODELS = ("smallcnn", "smallcnn-digits", "linear")
+SMALL_MODELS = ("smallcnn", "smallcnn-digits", "linear", "digits-cnn")
 
 
 # -- what each attack is called with ------------------------------------------------------------
@@ -45,39 +50,40 @@ SMALL_MODELS = ("smallcnn", "smallcnn-digits", "linear")
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
-    kwargs: object  # (steps, num_classes) -> kwargs shared by fastadv and torchattacks
+    kwargs: object  # (steps, num_classes, eps) -> kwargs shared by fastadv and torchattacks
     grads: object = None  # (steps, num_classes) -> gradient evaluations for the floor, or None
     forwards: object = None  # (steps, num_classes) -> forward-only evaluations for the floor (Square)
     references: tuple = ("torchattacks",)
     heavy: bool = False  # left out of the default attack list
 
 
-EPS = 8 / 255
+# Linf attacks take the model's eps (8/255 for most, see models.py) and step sizes that
+# scale with it as torchattacks' defaults do at 8/255 (alpha 2/255 = eps/4, FFGSM's 10/255).
 ATTACKS = {
-    "FGSM": AttackSpec(lambda s, c: dict(eps=EPS), grads=lambda s, c: 1),
-    "FFGSM": AttackSpec(lambda s, c: dict(eps=EPS, alpha=10 / 255), grads=lambda s, c: 1),
-    "PGD": AttackSpec(lambda s, c: dict(eps=EPS, alpha=2 / 255, steps=s, random_start=True), grads=lambda s, c: s),
-    "PGDL2": AttackSpec(lambda s, c: dict(eps=0.5, alpha=0.1, steps=s, random_start=True), grads=lambda s, c: s),
-    "RFGSM": AttackSpec(lambda s, c: dict(eps=EPS, alpha=2 / 255, steps=s), grads=lambda s, c: s),
-    "MIFGSM": AttackSpec(lambda s, c: dict(eps=EPS, alpha=2 / 255, steps=s, decay=1.0), grads=lambda s, c: s),
-    "TPGD": AttackSpec(lambda s, c: dict(eps=EPS, alpha=2 / 255, steps=s), grads=lambda s, c: s),
-    "EOTPGD": AttackSpec(lambda s, c: dict(eps=EPS, alpha=2 / 255, steps=s, eot_iter=2), grads=lambda s, c: 2 * s),
-    "CW": AttackSpec(lambda s, c: dict(c=1, kappa=0, steps=s, lr=0.01), grads=lambda s, c: s),
+    "FGSM": AttackSpec(lambda s, c, e: dict(eps=e), grads=lambda s, c: 1),
+    "FFGSM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=1.25 * e), grads=lambda s, c: 1),
+    "PGD": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, random_start=True), grads=lambda s, c: s),
+    "PGDL2": AttackSpec(lambda s, c, e: dict(eps=0.5, alpha=0.1, steps=s, random_start=True), grads=lambda s, c: s),
+    "RFGSM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s), grads=lambda s, c: s),
+    "MIFGSM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, decay=1.0), grads=lambda s, c: s),
+    "TPGD": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s), grads=lambda s, c: s),
+    "EOTPGD": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, eot_iter=2), grads=lambda s, c: 2 * s),
+    "CW": AttackSpec(lambda s, c, e: dict(c=1, kappa=0, steps=s, lr=0.01), grads=lambda s, c: s),
     "APGD": AttackSpec(
-        lambda s, c: dict(norm="Linf", eps=EPS, steps=s, n_restarts=1, seed=0, loss="ce"), grads=lambda s, c: s,
+        lambda s, c, e: dict(norm="Linf", eps=e, steps=s, n_restarts=1, seed=0, loss="ce"), grads=lambda s, c: s,
         references=("torchattacks", "pyautoattack"),
     ),
     "APGDT": AttackSpec(
-        lambda s, c: dict(norm="Linf", eps=EPS, steps=s, n_restarts=1, seed=0, n_classes=c),
+        lambda s, c, e: dict(norm="Linf", eps=e, steps=s, n_restarts=1, seed=0, n_classes=c),
         grads=lambda s, c: s * (c - 1),  # one APGD run per target class (n_classes - 1 of them)
     ),
-    "FAB": AttackSpec(lambda s, c: dict(norm="Linf", eps=EPS, steps=s, n_restarts=1, seed=0, n_classes=c)),
+    "FAB": AttackSpec(lambda s, c, e: dict(norm="Linf", eps=e, steps=s, n_restarts=1, seed=0, n_classes=c)),
     "Square": AttackSpec(
-        lambda s, c: dict(norm="Linf", eps=EPS, n_queries=10 * s, n_restarts=1, seed=0), forwards=lambda s, c: 10 * s,
+        lambda s, c, e: dict(norm="Linf", eps=e, n_queries=10 * s, n_restarts=1, seed=0), forwards=lambda s, c: 10 * s,
     ),
-    "DeepFool": AttackSpec(lambda s, c: dict(steps=s, overshoot=0.02), heavy=True),
+    "DeepFool": AttackSpec(lambda s, c, e: dict(steps=s, overshoot=0.02), heavy=True),
     "AutoAttack": AttackSpec(
-        lambda s, c: dict(norm="Linf", eps=EPS, version="standard", n_classes=c, seed=0),
+        lambda s, c, e: dict(norm="Linf", eps=e, version="standard", n_classes=c, seed=0),
         references=("torchattacks", "pyautoattack"), heavy=True,
     ),
 }
@@ -252,11 +258,32 @@ def compare(a, b):
     return equal, diff
 
 
-def make_inputs(model_name, batch, device, seed):
+@torch.no_grad()
+def success(model, x, y, adv):
+    """Per sample: does the model misclassify adv (untargeted success)?"""
+    if isinstance(adv, (tuple, list)):
+        adv = adv[0]
+    return model(adv).argmax(1) != y
+
+
+def attack_outcomes(model, x, y, adv):
+    """The fraction of samples fastadv's output fools (None without an output)."""
+    if adv is None:
+        return None
+    return {"success_rate": success(model, x, y, adv).float().mean().item()}
+
+
+def make_inputs(model, model_name, batch, device, seed):
+    """(x, y): the model's real test data where it has some, else random images
+    labelled with the model's own predictions (every point starts correctly classified)."""
     spec = bench_models.MODELS[model_name]
+    if spec.data is not None:
+        x, y = spec.data(batch, seed)
+        return x.to(device), y.to(device)
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, *spec.input_shape, generator=g).to(device)
-    return x
+    with torch.no_grad():
+        return x, model(x).argmax(1)
 
 
 def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, device, backend, seed, refs,
@@ -269,8 +296,9 @@ def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, d
     mode_kw = {} if mode == "exact" else fast_kwargs(cls)
     if mode_kw is None:
         return [], f"{attack}: fastadv has no fast mode (no precision/channels_last options), 'fast' skipped"
-    num_classes = bench_models.MODELS[model_name].num_classes
-    kwargs = spec.kwargs(steps, num_classes)
+    model_spec = bench_models.MODELS[model_name]
+    num_classes = model_spec.num_classes
+    kwargs = spec.kwargs(steps, num_classes, model_spec.eps)
     fa_kwargs = dict(kwargs, **mode_kw)
     fa_atk = make_fastadv(cls, model, kwargs, mode_kw, backend)
     calls = [("fastadv", seeded(lambda: fa_atk(x, y), seed))]
@@ -308,6 +336,13 @@ def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, d
         with deterministic():
             outputs = {name: fn() for name, fn in calls if name != "floor"}
 
+    outcomes = attack_outcomes(model, x, y, outputs.get("fastadv"))
+    if mode != "exact" and outcomes is not None:  # fast mode's effect on who gets fooled, same seed
+        exact = seeded(lambda: make_fastadv(cls, model, kwargs, {}, backend)(x, y), seed)()
+        outcomes.update(exact_success_rate=success(model, x, y, exact).float().mean().item(),
+                        exact_agreement=(success(model, x, y, exact) == success(model, x, y, outputs["fastadv"]))
+                        .float().mean().item())
+
     fa_ms = timing.summary(samples["fastadv"])
     other_med = {k: round(timing.summary(v)[0], 4) for k, v in other.items() if v}
     floor_ms = timing.summary(samples["floor"])[0] if "floor" in samples else None
@@ -325,6 +360,7 @@ def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, d
                  ("perf_counter (wall)" if clock == "wall" else "process_time (CPU time)"),
         "samples_ms": {k: [round(v, 4) for v in vs] for k, vs in samples.items()},
     }
+    base.update(outcomes or {})
     if other_med:
         base[f"{other_clock}_median_ms"] = other_med  # the same runs on the other clock
     if hasattr(os, "getloadavg"):
@@ -340,6 +376,8 @@ def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, d
                        speedup=ref_ms[0] / fa_ms[0],
                        reference_floor_ratio=ref_ms[0] / floor_ms if floor_ms else None)
             row["equal"], row["max_abs_diff"] = compare(outputs.get("fastadv"), outputs.get(lib))
+            if outputs.get(lib) is not None:
+                row["reference_success_rate"] = success(model, x, y, outputs[lib]).float().mean().item()
             if other_med.get(lib) and other_med.get("fastadv"):
                 row[f"speedup_{other_clock}"] = other_med[lib] / other_med["fastadv"]
         rows.append(row)
@@ -360,7 +398,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_attacks", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default=None, help=f"comma list of {sorted(bench_models.MODELS)} "
-                   "(default: smallcnn,linear,robust-resnet18 with --quick or on CPU; all on CUDA)")
+                   "(default: smallcnn,linear,digits-cnn,robust-resnet18 with --quick or on CPU; all on CUDA)")
     p.add_argument("--attacks", default=None, help=f"comma list of {list(ATTACKS)}, or 'all' (the heavy "
                    "DeepFool/AutoAttack too); default: every non-heavy attack fastadv has on small models, "
                    "PGD and PGDL2 on the others")
@@ -392,7 +430,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     model_names = (args.models.split(",") if args.models else
-                   (list(bench_models.MODELS) if cuda and not args.quick else ["smallcnn", "linear", "robust-resnet18"]))
+                   (list(bench_models.MODELS) if cuda and not args.quick else ["smallcnn", "linear", "digits-cnn", "robust-resnet18"]))
     model_names = [m.strip() for m in model_names if m.strip()]
     for m in model_names:
         if m not in bench_models.MODELS:
@@ -432,9 +470,7 @@ def main(argv=None):
                 notes.append(f"{m}: {e}; skipped")
                 bar.update(len(names) * len(modes) * repeats)
                 continue
-            x = make_inputs(m, batch, device, args.seed)
-            with torch.no_grad():
-                y = model(x).argmax(1)
+            x, y = make_inputs(model, m, batch, device, args.seed)
             for a in names:
                 for mode in modes:
                     bar.set_postfix_str(f"{a} {m} b{batch} {mode}")

@@ -11,10 +11,14 @@ Names (``MODELS``):
 - ``wrn-28-10``:      WideResNet-28-10 (pre-activation, Zagoruyko & Komodakis), 3x32x32
 - ``resnet50``:       ResNet-50, ImageNet variant (7x7 stem, max-pool, bottlenecks), 3x224x224
 - ``robust-resnet18``: pyautoattack/examples/model_test.pt with pyautoattack/examples/resnet.py
+- ``digits-cnn``:     fastadv.models.SmallCNN trained here with PGD-AT (eps 0.2) on
+                      scikit-learn's digits, attacked on the digits test split at eps 0.2
 
-Weights are random (seeded) except for robust-resnet18; timings do not depend on
-them. The benchmark takes the model's own predictions as labels, so every point
-starts correctly classified and attacks that stop early on fooled points still work.
+Weights are random (seeded) except for robust-resnet18 and digits-cnn; timings do not
+depend on them, but agreement between fast and exact mode does: that is what the
+two trained models are for. Inputs are random images labelled with the model's own
+predictions (every point starts correctly classified), except digits-cnn: real test
+images with their true labels.
 """
 import dataclasses
 import importlib.util
@@ -186,6 +190,27 @@ class LinearModel(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def digits_cnn(epochs=10):
+    """SmallCNN adversarially trained (PGD-10 AT, eps 0.2) on the digits train split, on the CPU."""
+    from fastadv.data import load_digits
+    from fastadv.models import SmallCNN
+    from fastadv.train import TrainConfig, fit
+
+    (x, y), _ = load_digits(seed=0)
+    model = SmallCNN()
+    fit(model, x, y, TrainConfig(method="pgd", eps=0.2, steps=10), epochs=epochs, seed=0)
+    return model
+
+
+def digits_test(batch, seed):
+    """The digits test split (449 images) and its labels, repeated to batch rows."""
+    from fastadv.data import load_digits
+
+    _, (x, y) = load_digits(seed=0)
+    reps = -(-batch // len(y))
+    return x.repeat(reps, 1, 1, 1)[:batch], y.repeat(reps)[:batch]
+
+
 def small_cnn(image_size):
     from fastadv.models import SmallCNN
 
@@ -228,6 +253,8 @@ class ModelSpec:
     batch_gpu: int  # default batch on CUDA
     batch_quick: int  # default batch with --quick (small CPU sizes)
     batch_cpu: int  # default batch on the CPU without --quick
+    eps: float = 8 / 255  # Linf budget of the attacks (their step sizes scale with it)
+    data: object = None  # (batch, seed) -> (x, y) real inputs and labels; None: random, labelled by the model
 
 
 MODELS = {
@@ -238,6 +265,7 @@ MODELS = {
     "wrn-28-10": ModelSpec(lambda: wrn_28_10(10), (3, 32, 32), 10, 128, 2, 8),
     "resnet50": ModelSpec(lambda: resnet50_imagenet(1000), (3, 224, 224), 1000, 64, 2, 8),
     "robust-resnet18": ModelSpec(robust_resnet18, (3, 32, 32), 10, 256, 8, 32),
+    "digits-cnn": ModelSpec(digits_cnn, (1, 8, 8), 10, 1024, 128, 449, eps=0.2, data=digits_test),
 }
 
 

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from benchmarks import models as bench_models
-from benchmarks.bench_attacks import ATTACKS, fastadv_class, reference_call
+from benchmarks.bench_attacks import ATTACKS, fastadv_class, make_inputs, reference_call
 
 
 def profile_one(fn, device, row_limit):
@@ -74,11 +74,9 @@ def main(argv=None):
 
     device = torch.device(args.device)
     model = bench_models.build(args.model, device)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch, *bench_models.MODELS[args.model].input_shape, generator=g).to(device)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    kwargs = ATTACKS[args.attack].kwargs(args.steps, bench_models.MODELS[args.model].num_classes)
+    x, y = make_inputs(model, args.model, args.batch, device, 0)
+    spec = bench_models.MODELS[args.model]
+    kwargs = ATTACKS[args.attack].kwargs(args.steps, spec.num_classes, spec.eps)
     libs = {}
     cls = fastadv_class(args.attack)
     if cls is not None:

@@ -200,6 +200,8 @@ ATTACK_COLUMNS = [
     ("backend", "backend"), ("reference", "reference"), ("fastadv ms", "fastadv_ms"), ("ref ms", "reference_ms"),
     ("floor ms", "floor_ms"), ("speedup", "speedup"),
     ("fastadv/floor", "fastadv_floor_ratio"), ("ref/floor", "reference_floor_ratio"), ("bit-exact", equal_cell),
+    ("success", "success_rate"), ("ref success", "reference_success_rate"), ("exact success", "exact_success_rate"),
+    ("agreement w/ exact", "exact_agreement"),
     ("clock", "clock"), ("speedup, other clock", lambda r: r.get("speedup_wall") or r.get("speedup_cpu")),
     ("threads", "threads"), ("load", "load_avg_1m"), ("env", "env"),
 ]

@@ -358,9 +358,7 @@ def cmd_bench(args):
         model = bench_models.build(args.model, device, seed=args.seed)
     except (ImportError, OSError) as e:
         raise CLIError(f"model {args.model}: {e}") from None
-    x = bench.make_inputs(args.model, args.batch, device, args.seed)
-    with torch.no_grad():
-        y = model(x).argmax(1)
+    x, y = bench.make_inputs(model, args.model, args.batch, device, args.seed)
     refs = {r.strip() for r in args.refs.split(",") if r.strip()}
     rows, note = bench.run_case(model, args.model, x, y, args.attack, args.mode, steps=args.steps,
                                 repeats=args.repeats, warmup=args.warmup, device=device, backend=args.backend,

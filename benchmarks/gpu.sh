@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite (H100 / H200), from the repository root, in parts that each
+# end well inside ten minutes:
+#
+#   bash benchmarks/gpu.sh all                  # every part, in this order
+#   bash benchmarks/gpu.sh tests kernels        # or some of them
+#
+# parts: tests    the gpu-marked tests and the GPU pytest-benchmark suite
+#        kernels  fused step ops vs the eager chain and a copy, 3 shapes, fp32 + bf16
+#        small    every attack on the small models (exact + fast), AutoAttack and DeepFool too
+#        large    PGD / PGDL2 on ResNet-18, WRN-28-10, ResNet-50 and the robust ResNet-18 at
+#                 their GPU batches, and PGD-10 at batch 512 on ResNet-18 and WRN-28-10
+#        aa       AutoAttack (standard) on the robust ResNet-18 at batch 500 vs pyautoattack
+#        plot     bar charts of every results file
+#
+# Machines without the reference libraries: put their wheels in .whl/ first
+# (pip download --no-deps torchattacks==3.5.1 pyautoattack==0.2.0 -d .whl); they are
+# installed into /tmp/site. fastadv itself is installed in place, so fastadv.kernels
+# resolves. A copy of the tree without .git: set FASTADV_COMMIT=<hash>.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
+
+setup() {
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade .whl/*.whl
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    "$PY" -c "import fastadv.kernels" 2>/dev/null ||
+        "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+    "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+}
+
+part() {
+    case "$1" in
+        tests)   "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
+                 "$PY" -m pytest -q -p no:cacheprovider -m gpu benchmarks/test_bench_cpu.py --benchmark-enable ;;
+        kernels) "$PY" -m benchmarks.bench_kernels --quiet ;;
+        small)   "$PY" -m benchmarks.bench_attacks --models smallcnn,smallcnn-digits,linear,digits-cnn --attacks all \
+                     --repeats 5 --warmup 1 --quiet ;;
+        large)   "$PY" -m benchmarks.bench_attacks --models resnet18,wrn-28-10,resnet50,robust-resnet18 --quiet
+                 "$PY" -m benchmarks.bench_attacks --models resnet18,wrn-28-10 --attacks PGD --batch 512 --quiet ;;
+        aa)      "$PY" -m benchmarks.bench_attacks --models robust-resnet18 --attacks AutoAttack --batch 500 \
+                     --modes exact --repeats 2 --warmup 0 --quiet ;;
+        plot)    "$PY" -m benchmarks.plot benchmarks/results ;;
+        *)       echo "unknown part '$1' (tests, kernels, small, large, aa, plot, all)" >&2; return 2 ;;
+    esac
+}
+
+[ $# -gt 0 ] || { sed -n '2,19p' "$0"; exit 2; }
+setup
+for p in "$@"; do
+    if [ "$p" = all ]; then
+        for q in tests kernels small large aa plot; do part "$q"; done
+    else
+        part "$p"
+    fi
+done
