@@ -27,7 +27,7 @@ def resolve(backend, device: torch.device) -> str:
     name = default_backend() if backend is None else str(backend).lower()
     if name not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else torch.device(device)  # called per step: skip the copy
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if name == "triton" and device.type != "cuda":
