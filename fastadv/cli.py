@@ -461,7 +461,7 @@ def build_parser():
                        description="Time one attack on one benchmark model: fastadv, the reference libraries and the "
                                    "floor, alternating runs, medians (benchmarks/bench_attacks.py; needs a source checkout).")
     b.add_argument("--model", default="smallcnn", help="benchmark model: smallcnn, smallcnn-digits, linear, resnet18, "
-                   "wrn-28-10, resnet50, robust-resnet18 (default: smallcnn)")
+                   "wrn-28-10, resnet50, robust-resnet18, digits-cnn (default: smallcnn)")
     b.add_argument("--attack", default="PGD", help="attack class, e.g. PGD, FGSM, APGD (default: PGD)")
     b.add_argument("--batch", type=int, default=128)
     b.add_argument("--steps", type=int, default=10)

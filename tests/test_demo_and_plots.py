@@ -112,7 +112,25 @@ def test_bench_tiny_config_writes_json_and_png(tmp_path, capsys, monkeypatch):
     assert rows[0]["batch"] == 16 and rows[0]["steps"] == 2 and rows[0]["mode"] == "exact"
     assert rows[0]["reference"] == "torchattacks" and rows[0]["equal"] is True
     assert rows[0]["fastadv_ms"] > 0 and rows[0]["reference_ms"] > 0 and rows[0]["floor_ms"] > 0
+    assert 0 <= rows[0]["success_rate"] <= 1 and rows[0]["reference_success_rate"] == rows[0]["success_rate"]
+    assert "exact_agreement" not in rows[0]  # an exact-mode row has nothing to agree with
     assert_png(plot_dir / "bench-attacks.png", 300, 200)
+
+
+def test_bench_fast_mode_reports_agreement_with_exact(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out_json = tmp_path / "bench.json"
+    rc, out, _ = run(capsys, "bench", "--model", "linear", "--attack", "PGD", "--batch", "64", "--steps", "3",
+                     "--mode", "fast", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--refs", "torchattacks",
+                     "--json", out_json)
+    assert rc == 0 and "agreement w/ exact" in out
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["mode"] == "fast" and row["params"]["precision"] == "bf16"
+    agreement, fast, exact = row["exact_agreement"], row["success_rate"], row["exact_success_rate"]
+    assert 0 <= agreement <= 1 and 0 <= fast <= 1 and 0 <= exact <= 1
+    # the success rates can differ by no more than the fraction of samples whose outcome differs
+    assert abs(fast - exact) <= 1 - agreement + 1e-9
+    assert exact > 0  # PGD fools some points of the random linear model: the agreement is not vacuous
 
 
 def test_bench_bad_input_and_missing_benchmarks(tmp_path, capsys, monkeypatch):
