@@ -35,8 +35,11 @@ and a checksum. Started again with the same arguments, fit continues from it and
 ends bit for bit where an uninterrupted run ends; a state of another run, or a
 corrupt one, raises TrainStateError and is left as it is. Batches depend only on
 (seed, epoch), so resuming mid-epoch skips the batches already done. In the main
-thread of a single process, Ctrl-C (SIGINT) lets the current step finish, saves, and
-raises KeyboardInterrupt; a second Ctrl-C interrupts at once.
+thread, Ctrl-C (SIGINT) lets the current step finish, saves, and raises
+KeyboardInterrupt; a second Ctrl-C interrupts at once. Under torch.distributed the
+ranks agree on the step to stop at (at most one step after the first rank's Ctrl-C),
+so every rank finishes it, the state is saved once, and every rank raises
+KeyboardInterrupt.
 """
 import contextlib
 import hashlib
@@ -445,21 +448,88 @@ class _Checkpoint:
 
 class _StopRequest:
     """Ctrl-C as a request: fit finishes the current step, saves, then raises
-    KeyboardInterrupt. A second Ctrl-C raises at once."""
+    KeyboardInterrupt. A second Ctrl-C raises at once.
+
+    Under torch.distributed (world > 1) the ranks get SIGINT at slightly different
+    moments (a terminal signals its whole process group, torchrun forwards it to one
+    rank after the other), yet all must stop after the same step: the save is a
+    collective, and a rank that stopped alone would leave the others waiting in DDP's
+    gradient all_reduce. So they agree: after each step every rank launches an
+    all_reduce(MAX) of its flag with async_op=True and reads the result one step
+    later, once the next step is issued. Every rank reads the same results in the same
+    order, so every rank stops after the same step, one step after the first request;
+    the lag keeps the host from waiting for the GPU at each step. Every rank exchanges,
+    whether or not it could install the handler, so the collectives always match.
+    """
 
     requested = False
+
+    def __init__(self, world=1, device=None):
+        self.world, self.device = world, device
+        self._pending = None  # the exchange launched after the previous step
+        self._stream = None
 
     def __call__(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
 
+    def after_step(self):
+        """Whether to stop now, the step just issued done: every rank answers alike."""
+        if self.world == 1:
+            return self.requested
+        agreed = self._pending is not None and self._pending()
+        self._pending = None if agreed else self._launch()
+        return agreed
+
+    def at_epoch_end(self):
+        """Whether to stop at an epoch's end: an exchange read at once (the epoch's end
+        waits for the device and saves anyway), so none stays in flight past it. It
+        covers the pending one: a flag, once set, stays set."""
+        if self.world == 1:
+            return self.requested
+        if self._pending is not None:
+            self._pending()
+            self._pending = None
+        return self._launch()()
+
+    def _launch(self):
+        """Starts the exchange of this rank's flag; returns a function that reads the result."""
+        import torch.distributed as dist
+
+        # The tensor where the backend takes it: the CPU if it can (gloo, mpi, ucc, the
+        # default cpu:gloo,cuda:nccl), else the model's device (nccl: CUDA only).
+        backends = {b.split(":")[0] for b in dist.get_backend_config().split(",")}
+        device = torch.device("cpu") if "cpu" in backends else self.device
+        flag = torch.full((1,), int(self.requested), dtype=torch.int32, device=device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if device.type != "cuda":
+            def read():
+                work.wait()
+                return bool(flag.item())
+            return read
+        # Copy the result to pinned host memory on a side stream: reading it then waits
+        # for this step and the exchange only, never for the step queued after them.
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        host, done = torch.empty(1, dtype=torch.int32, pin_memory=True), torch.cuda.Event()
+        with torch.cuda.stream(self._stream):
+            work.wait()  # the side stream waits for the all_reduce; the host does not
+            host.copy_(flag, non_blocking=True)
+            flag.record_stream(self._stream)  # flag's memory is not reused before the copy is done
+            done.record()
+
+        def read():
+            done.synchronize()
+            return bool(host.item())
+        return read
+
 
 @contextlib.contextmanager
-def _deferred_sigint(enabled):
+def _deferred_sigint(enabled, world=1, device=None):
     """Installs _StopRequest for SIGINT while fit runs, where that is safe: the main
     thread, Python's default handler in place (a handler of the caller's is kept)."""
-    stop = _StopRequest()
+    stop = _StopRequest(world, device)
     main = threading.current_thread() is threading.main_thread()
     if not (enabled and main and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         yield stop
@@ -531,7 +601,7 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
 
     bar = progress_bar(epochs, enabled=progress and rank == 0, desc=f"train {cfg.method}", unit="epoch",
                        initial=min(start_epoch, epochs))
-    with _deferred_sigint(ckpt is not None and world == 1) as stop:
+    with _deferred_sigint(ckpt is not None, world, device) as stop:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             loss_sum, seconds, first = torch.zeros((), device=device), 0.0, 0
@@ -545,10 +615,11 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
                 if sched is not None:
                     sched.step()
                 if ckpt is not None and n_steps < len(epoch_batches):  # the epoch's end saves below
+                    stopping = stop.after_step()
                     due = save_every is not None and (epoch * steps_per_epoch + n_steps) % save_every == 0
-                    if due or stop.requested:
+                    if due or stopping:
                         ckpt.save(epoch, n_steps, history, loss_sum, seconds + time.perf_counter() - t0)
-                    if stop.requested:
+                    if stopping:
                         raise KeyboardInterrupt
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -558,7 +629,7 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
             history.append(record)
             if ckpt is not None:
                 ckpt.save(epoch + 1, 0, history, torch.zeros(()), 0.0, finished=epoch + 1 == epochs)
-                if stop.requested:
+                if stop.at_epoch_end():
                     raise KeyboardInterrupt
             bar.set_description(f"train {cfg.method} loss {record['loss']:.4f}")
             bar.update(1)

@@ -1,7 +1,8 @@
 """Resumable training: a run stopped by a crash, Ctrl-C (SIGINT) or SIGKILL and started
 again with the same arguments ends bit for bit where an uninterrupted run ends (weights,
-optimizer, scheduler, Free AT's perturbation, RNG, history); state files that are
-corrupt, foreign or of another run are refused and left untouched."""
+optimizer, scheduler, Free AT's perturbation, RNG, history), in one process and under
+DDP; state files that are corrupt, foreign or of another run are refused and left
+untouched."""
 import os
 import shutil
 import signal
@@ -20,11 +21,15 @@ from fastadv.train import TrainConfig, TrainStateError, fit, load_train_state
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.2
 RUN = dict(epochs=3, batch_size=32, seed=0)  # 96 samples: 3 steps per epoch, 9 in all
-FORWARDS_PER_STEP = {"plain": 1, "pgd": 3, "free": 2}  # pgd: 2 attack steps + the training forward; free: 2 replays
+# The model's forwards per training step. pgd: 2 attack steps + the training forward; free: 2 replays;
+# trades: the clean target, 2 attack steps, the clean and adversarial training forwards; fgsm-rs: 1 + 1.
+FORWARDS_PER_STEP = {"plain": 1, "pgd": 3, "free": 2, "trades": 5, "fgsm-rs": 2, "pgd+bf16": 3}
+METHODS = list(FORWARDS_PER_STEP)  # "pgd+bf16": PGD-AT under bf16 autocast (TrainConfig.amp)
 
 
 def cfg_for(method):
-    return TrainConfig(method=method, eps=EPS, steps=2, replays=2)
+    method, _, amp = method.partition("+")
+    return TrainConfig(method=method, eps=EPS, steps=2, replays=2, amp=amp or None)
 
 
 def train(data, method, state=None, *, model_seed=0, rng_seed=1, hook=None, cfg=None, **kw):
@@ -105,11 +110,13 @@ def assert_equals_reference(reference, method, model, history, state_path):
     assert_same(final, ref_state)  # optimizer, scheduler, Free AT's delta, RNG, partial sums
     if method == "free":
         assert final["ranks"][0]["delta"].abs().max() > 0
+    if method == "pgd+bf16":  # autocast did change the arithmetic
+        assert not torch.equal(model.state_dict()["head.weight"], reference("pgd")[0].state_dict()["head.weight"])
 
 
 # -- in process: interrupted at an epoch boundary, mid-epoch by a crash, mid-epoch by Ctrl-C ---
 
-@pytest.mark.parametrize("method", ["plain", "pgd", "free"])
+@pytest.mark.parametrize("method", METHODS)
 def test_resume_at_an_epoch_boundary_is_bit_exact(tmp_path, data, reference, method):
     state = tmp_path / "run.state"
 
@@ -129,7 +136,7 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(tmp_path, data, reference, met
     assert_equals_reference(reference, method, model, history, state)
 
 
-@pytest.mark.parametrize("method", ["plain", "pgd", "free"])
+@pytest.mark.parametrize("method", METHODS)
 def test_crash_mid_epoch_resumes_from_the_last_save_bit_exact(tmp_path, data, reference, method):
     state = tmp_path / "run.state"
     per_step = FORWARDS_PER_STEP[method]
@@ -144,7 +151,7 @@ def test_crash_mid_epoch_resumes_from_the_last_save_bit_exact(tmp_path, data, re
     assert_equals_reference(reference, method, model, history, state)
 
 
-@pytest.mark.parametrize("method", ["plain", "pgd", "free"])
+@pytest.mark.parametrize("method", METHODS)
 def test_ctrl_c_saves_the_current_step_and_resumes_bit_exact(tmp_path, data, reference, method):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     state = tmp_path / "run.state"
@@ -348,43 +355,50 @@ def test_cli_refuses_a_state_of_another_run(tmp_path, capsys):
 
 # -- DistributedDataParallel: 2 gloo processes ---------------------------------------------------
 
-DDP_SCRIPT = r'''
+DDP_SETUP = r"""
 import datetime
+import signal
 import sys
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from fastadv.data import load_digits
 from fastadv.models import SmallCNN
 from fastadv.train import TrainConfig, fit, make_optimizer
 
 rank, init, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-(x, y), _ = load_digits(seed=0)
-x, y = x[:128], y[:128]  # global batches of 32, 16 per rank: 4 steps per epoch, 12 in all
+x, y = torch.load(f"{folder}/data.pt")  # 128 digits: global batches of 32, 16 per rank: 4 steps per epoch, 12 in all
 
 
-class Crash(Exception):
-    pass
-
-
-def run(method, state, rng_seed=1, crash_at=None, save_every=None):
+def run(method, state, rng_seed=1, on_step=None, save_every=None):
     torch.manual_seed(0)
     model = SmallCNN()  # BatchNorm: each rank's running statistics are its own between forwards
     net = DDP(model)
     opt = make_optimizer(net, "adam", 1e-2)
-    if crash_at is not None:  # a crash right after an optimizer step, on every rank alike
+    if on_step is not None:  # on_step(n) right after this rank's n-th optimizer step
         steps = []
         def hook(*args):
             steps.append(1)
-            if len(steps) == crash_at:
-                raise Crash
+            on_step(len(steps))
         opt.register_step_post_hook(hook)
     torch.manual_seed(rng_seed + rank)
     cfg = TrainConfig(method=method, eps=0.2, steps=2, replays=2)
     history = fit(net, x, y, cfg, epochs=3, batch_size=32, optimizer=opt, seed=0, state_path=state, save_every=save_every)
     return {k: v.clone() for k, v in model.state_dict().items()}, history
+"""
+
+DDP_SCRIPT = DDP_SETUP + r"""
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(n):  # a crash right after an optimizer step, on every rank alike
+    def on_step(k):
+        if k == n:
+            raise Crash
+    return on_step
 
 
 out = {}
@@ -392,7 +406,7 @@ for method in ("pgd", "free"):
     per_batch = 2 if method == "free" else 1
     full = run(method, f"{folder}/{method}-full.state")
     try:  # saves after steps 3, 6 (epoch 2, step 2), 9; the crash hits step 8
-        run(method, f"{folder}/{method}-run.state", crash_at=7 * per_batch + 1, save_every=3)
+        run(method, f"{folder}/{method}-run.state", on_step=crash_at(7 * per_batch + 1), save_every=3)
         raise SystemExit("the crash did not happen")
     except Crash:
         pass
@@ -404,23 +418,30 @@ for method in ("pgd", "free"):
     out[method] = {"full": full, "resumed": resumed}
 torch.save(out, f"{folder}/rank{rank}.pt")
 dist.destroy_process_group()
-'''
+"""
 
 
-def test_ddp_interrupted_and_resumed_equals_uninterrupted(tmp_path):
-    script = tmp_path / "ddp_resume.py"
-    script.write_text(DDP_SCRIPT)
-    init = f"file://{tmp_path / 'pg'}"
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), init, str(tmp_path)], env=run_env(), cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+def start_ranks(script, tmp_path, data, *args):
+    """Runs script as ranks 0 and 1 of a gloo group, on the first 128 of data; returns
+    [(returncode, stderr)] by rank."""
+    path = tmp_path / "ddp.py"
+    path.write_text(script)
+    torch.save((data[0][:128].clone(), data[1][:128].clone()), tmp_path / "data.pt")  # spares each rank scikit-learn
+    init = f"file://{tmp_path / ('pg-' + '-'.join(args))}"  # a fresh rendezvous file for each launch
+    procs = [subprocess.Popen([sys.executable, str(path), str(rank), init, str(tmp_path), *args], env=run_env(),
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
     try:
         results = [p.communicate(timeout=180) for p in procs]
     finally:  # a rank that failed leaves the other waiting in a collective
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-4000:]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, results)]
+
+
+def test_ddp_interrupted_and_resumed_equals_uninterrupted(tmp_path, digits):
+    for rc, err in start_ranks(DDP_SCRIPT, tmp_path, digits[0]):
+        assert rc == 0, err[-4000:]
     for method in ("pgd", "free"):
         for rank in range(2):
             r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[method]
@@ -430,3 +451,57 @@ def test_ddp_interrupted_and_resumed_equals_uninterrupted(tmp_path):
         assert full["description"]["world_size"] == 2 and len(full["ranks"]) == 2
         assert_same(resumed, full, method)  # optimizer, each rank's RNG, delta and buffers
         assert not torch.equal(full["ranks"][0]["rng_cpu"], full["ranks"][1]["rng_cpu"])
+
+
+DDP_CTRL_C_SCRIPT = DDP_SETUP + r"""
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the launcher ignored SIGINT
+steps = [0]
+
+
+def count(n):
+    steps[0] = n
+
+
+if sys.argv[4] == "interrupt":
+    full = run("pgd", f"{folder}/full.state")
+    ctrl_c_at = int(sys.argv[5].split(",")[rank])  # the step during which this rank gets SIGINT (0: never)
+
+    def ctrl_c(n):
+        count(n)
+        if n == ctrl_c_at:
+            signal.raise_signal(signal.SIGINT)
+    try:
+        run("pgd", f"{folder}/run.state", on_step=ctrl_c)
+    except KeyboardInterrupt:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        torch.save({"full": full, "steps": steps[0]}, f"{folder}/interrupted{rank}.pt")
+        dist.destroy_process_group()
+        raise  # the process ends by KeyboardInterrupt
+    raise SystemExit("no KeyboardInterrupt")
+resumed = run("pgd", f"{folder}/run.state", rng_seed=77, on_step=count)  # the RNG comes from the state
+torch.save({"resumed": resumed, "steps": steps[0]}, f"{folder}/resumed{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+# (the step during which rank 0, rank 1 get SIGINT (0: never), the steps both do before stopping)
+@pytest.mark.parametrize("ctrl_c_at, stop_after", [
+    ("5,6", 6),  # as torchrun forwards it, rank after rank: both stop after step 6, the step after the first request
+    ("7,0", 8),  # rank 1 never gets it, yet stops with rank 0, at the end of epoch 2 (step 8)
+])
+def test_ddp_ctrl_c_stops_every_rank_after_the_same_step_and_resumes_bit_exact(tmp_path, digits, ctrl_c_at, stop_after):
+    for rc, err in start_ranks(DDP_CTRL_C_SCRIPT, tmp_path, digits[0], "interrupt", ctrl_c_at):
+        assert rc == -signal.SIGINT and err.rstrip().endswith("KeyboardInterrupt"), f"exit status {rc}: {err[-4000:]}"
+    stopped = [torch.load(tmp_path / f"interrupted{rank}.pt", weights_only=True) for rank in range(2)]
+    assert [r["steps"] for r in stopped] == [stop_after, stop_after]  # the same step on both, then stopped
+    saved = load_train_state(tmp_path / "run.state")  # saved once, by rank 0, with both ranks' parts
+    assert (saved["epoch"], saved["step"], saved["finished"]) == (*divmod(stop_after, 4), False)
+    assert len(saved["ranks"]) == 2
+
+    for rc, err in start_ranks(DDP_CTRL_C_SCRIPT, tmp_path, digits[0], "resume"):  # 2 new processes
+        assert rc == 0, err[-4000:]
+    for rank in range(2):
+        resumed = torch.load(tmp_path / f"resumed{rank}.pt", weights_only=True)
+        assert resumed["steps"] == 12 - stop_after  # only the steps left
+        assert_same(resumed["resumed"], stopped[rank]["full"], f"rank {rank}")  # weights, buffers, history
+    assert_same(load_train_state(tmp_path / "run.state"), load_train_state(tmp_path / "full.state"))
