@@ -472,7 +472,47 @@ def apgd(
     )
 
 
-class APGD(Attack):
+_NO_LOSS = object()  # APGDT takes no loss and, as in torchattacks, has no loss attribute
+
+
+class _APGDBase(Attack):
+    """What APGD and APGDT share: the constructor's checks, forward and the rho alias.
+
+    The attributes are set in torchattacks' order, which __repr__ shows. engine is a
+    dict, not **engine, so that a stray loss= given to APGDT still reaches EngineOptions
+    (and fails there) instead of binding to loss here.
+    """
+
+    def __init__(self, name, model, backend, engine, norm, eps, steps, n_restarts, seed, eot_iter, rho, verbose,
+                 loss=_NO_LOSS):
+        super().__init__(name, model, backend=backend, **engine)
+        self.eps = validation.check_budget(eps, "eps")
+        self.steps = validation.check_steps(steps)
+        self.norm = check_choice(norm, "norm", NORMS)
+        self.n_restarts = check_count(n_restarts, "n_restarts")
+        self.seed = check_seed(seed)
+        if loss is not _NO_LOSS:
+            self.loss = check_choice(loss, "loss", LOSSES)
+        self.eot_iter = check_count(eot_iter, "eot_iter")
+        self.thr_decr = check_rho(rho)
+        self.verbose = verbose
+        self.supported_mode = ["default"]
+
+    def forward(self, images, labels):
+        x, y = self._prepare(images, labels)
+        _, adv = self.perturb(x, y, cheap=True)
+        return adv
+
+    @property
+    def rho(self):
+        return self.thr_decr
+
+    @rho.setter
+    def rho(self, value):
+        self.thr_decr = check_rho(value)
+
+
+class APGD(_APGDBase):
     r"""APGD in the paper 'Reliable evaluation of adversarial robustness with an ensemble of
     diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690]
     [https://github.com/fra31/auto-attack].
@@ -510,22 +550,8 @@ class APGD(Attack):
 
     def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, loss="ce", eot_iter=1,
                  rho=0.75, verbose=False, *, backend=None, **engine):
-        super().__init__("APGD", model, backend=backend, **engine)
-        self.eps = validation.check_budget(eps, "eps")
-        self.steps = validation.check_steps(steps)
-        self.norm = check_choice(norm, "norm", NORMS)
-        self.n_restarts = check_count(n_restarts, "n_restarts")
-        self.seed = check_seed(seed)
-        self.loss = check_choice(loss, "loss", LOSSES)
-        self.eot_iter = check_count(eot_iter, "eot_iter")
-        self.thr_decr = check_rho(rho)
-        self.verbose = verbose
-        self.supported_mode = ["default"]
-
-    def forward(self, images, labels):
-        x, y = self._prepare(images, labels)
-        _, adv = self.perturb(x, y, cheap=True)
-        return adv
+        super().__init__("APGD", model, backend, engine, norm, eps, steps, n_restarts, seed, eot_iter, rho, verbose,
+                         loss=loss)
 
     def _options(self):
         return dict(
@@ -560,11 +586,3 @@ class APGD(Attack):
             self.get_logits, x, y, n_restarts=self.n_restarts, seed=self.seed, engine=self.engine, **self._options()
         )
         return robust, adv
-
-    @property
-    def rho(self):
-        return self.thr_decr
-
-    @rho.setter
-    def rho(self, value):
-        self.thr_decr = check_rho(value)

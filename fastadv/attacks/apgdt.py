@@ -5,9 +5,8 @@ logit) and each restart, APGD attacks the samples still robust towards that
 class; the first success is kept. The iteration is fastadv.attacks.apgd's.
 """
 from fastadv import validation
-from fastadv.attack import Attack
 from fastadv.attacks.apgd import (
-    ARITHMETICS, NORMS, apgd_loop, check_choice, check_count, check_n_classes, check_rho, check_seed,
+    ARITHMETICS, NORMS, _APGDBase, apgd_loop, check_choice, check_count, check_n_classes, check_rho, check_seed,
 )
 from fastadv.engine import run_functional
 
@@ -58,7 +57,7 @@ def apgdt(
     )
 
 
-class APGDT(Attack):
+class APGDT(_APGDBase):
     r"""APGD-Targeted in the paper 'Reliable evaluation of adversarial robustness with an
     ensemble of diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690]
     [https://github.com/fra31/auto-attack]. Targeted attack for every wrong class.
@@ -94,23 +93,9 @@ class APGDT(Attack):
 
     def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, eot_iter=1, rho=0.75,
                  verbose=False, n_classes=10, *, backend=None, **engine):
-        super().__init__("APGDT", model, backend=backend, **engine)
-        self.eps = validation.check_budget(eps, "eps")
-        self.steps = validation.check_steps(steps)
-        self.norm = check_choice(norm, "norm", NORMS)
-        self.n_restarts = check_count(n_restarts, "n_restarts")
-        self.seed = check_seed(seed)
-        self.eot_iter = check_count(eot_iter, "eot_iter")
-        self.thr_decr = check_rho(rho)
-        self.verbose = verbose
+        super().__init__("APGDT", model, backend, engine, norm, eps, steps, n_restarts, seed, eot_iter, rho, verbose)
         self.target_class = None
         self.n_target_classes = check_n_classes(n_classes) - 1
-        self.supported_mode = ["default"]
-
-    def forward(self, images, labels):
-        x, y = self._prepare(images, labels)
-        _, adv = self.perturb(x, y, cheap=True)
-        return adv
 
     def perturb(self, x_in, y_in, best_loss=False, cheap=True):
         """(acc, adv) as torchattacks' APGDT.perturb."""
@@ -123,11 +108,3 @@ class APGDT(Attack):
             backend=self.backend, verbose=self.verbose, engine=self.engine,
         )
         return robust, adv
-
-    @property
-    def rho(self):
-        return self.thr_decr
-
-    @rho.setter
-    def rho(self, value):
-        self.thr_decr = check_rho(value)

@@ -296,6 +296,20 @@ def _keep_running(margin_min, it, original):
     return (~(margin_min <= 0.0)).any()
 
 
+def _gather(idx, x, y, eps, x_best, margin_min, loss_min, n_used, norm):
+    """The working batch, rows idx of the inputs and of the run's state: (x, y, eps, x_best,
+    margin_min, loss_min, n_used, per-sample eps, lo, hi); the last three (Linf's box) are
+    None for L2. Both query loops gather through here so that they index alike."""
+    xw, yw = x[idx], y[idx]
+    ew = eps[idx] if isinstance(eps, torch.Tensor) else eps
+    xbw, mw, lw, qw = x_best[idx], margin_min[idx], loss_min[idx], n_used[idx]
+    ep = lo = hi = None
+    if norm == "Linf":
+        ep = _per_sample(ew, xw)
+        lo, hi = xw - ep, xw + ep
+    return xw, yw, ew, xbw, mw, lw, qw, ep, lo, hi
+
+
 # -- one run from a random start ---------------------------------------------------------------
 
 
@@ -324,7 +338,6 @@ def square_single_run(forward, x, y, *, eps, draws, norm="Linf", n_queries=5000,
                    n_queries=n_queries, p_init=p_init, loss=loss, resc_schedule=resc_schedule, targeted=targeted,
                    original=original)
         return x_best, margin_min, n_used
-    eps_t = isinstance(eps, torch.Tensor)
     view = [-1] + [1] * (x.dim() - 1)
 
     it = 0
@@ -338,12 +351,7 @@ def square_single_run(forward, x, y, *, eps, draws, norm="Linf", n_queries=5000,
             draws.skip(2 + c if norm == "Linf" else 5)
             it += 1
             continue
-        xw, yw = x[idx], y[idx]
-        ew = eps[idx] if eps_t else eps
-        xbw, mw, lw, qw = x_best[idx], margin_min[idx], loss_min[idx], n_used[idx]
-        if norm == "Linf":
-            ep = _per_sample(ew, xw)
-            lo, hi = xw - ep, xw + ep
+        xw, yw, ew, xbw, mw, lw, qw, _, lo, hi = _gather(idx, x, y, eps, x_best, margin_min, loss_min, n_used, norm)
         if k_every > 1:
             state = draws.generator.get_state()
             nan_outside = margin_min.isnan().any() if original else None
@@ -465,14 +473,10 @@ def _run_exact(forward, x, y, x_best, margin_min, loss_min, n_used, *, eps, draw
                     draws.skip(5)
                 it += 1
                 continue
-            xw, yw = x[idx], y[idx]
-            ew = eps[idx] if eps_t else eps
-            xbw, mw, lw, qw = x_best[idx], margin_min[idx], loss_min[idx], n_used[idx]
-            if norm == "Linf":
-                ep = _per_sample(ew, xw)
-                lo, hi = xw - ep, xw + ep
-                if eps_t:
-                    window_eps = 2.0 * ep
+            xw, yw, ew, xbw, mw, lw, qw, ep, lo, hi = _gather(idx, x, y, eps, x_best, margin_min, loss_min, n_used,
+                                                              norm)
+            if norm == "Linf" and eps_t:
+                window_eps = 2.0 * ep
         s = side(it)
         if norm == "Linf":
             vh, vw, value = blocks.take(it)
