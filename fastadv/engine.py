@@ -25,7 +25,9 @@ class EngineOptions:
 
     precision: None (exact), or 'bf16' / 'fp16' to run the model's forward and
         backward under autocast, the perturbation state staying in the image dtype
-        (fast mode: changes results; measure the agreement on your model).
+        (fast mode: changes results; measure the agreement on your model: the
+        benchmarks report it per attack. TPGD and Square lose strength under bf16,
+        their losses compare differences below its resolution).
     channels_last: run on channels_last copies of 4-D images (same numbers; faster
         convolutions, best with a model converted to channels_last too).
     early_stop: samples that already fool the model stop being attacked; each
