@@ -57,3 +57,11 @@ def l2_step_(adv, x, grad, *, alpha, eps, div_eps=1e-10):
         factor = eps / dn
     factor = torch.where(dn > 0, torch.min(factor, torch.ones_like(dn)), 1.0)
     return d.mul_(per_sample(factor, d)).add_(x).clamp_(min=0, max=1)
+
+
+def mifgsm_step_(adv, x, grad, momentum, *, alpha, eps, decay=1.0):
+    """reference.mifgsm_step with the momentum updated in its own buffer and the
+    iterate computed in grad's; returns (next iterate, momentum)."""
+    grad.div_(torch.mean(torch.abs(grad), dim=tuple(range(1, grad.dim())), keepdim=True))
+    momentum.mul_(decay).add_(grad)  # momentum * decay + grad == grad + momentum * decay, bit for bit
+    return linf_step_(adv, x, grad.copy_(momentum), alpha=alpha, eps=eps), momentum

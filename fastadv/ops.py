@@ -57,15 +57,20 @@ def random_start(x, noise, scale=None, backend=None):
 # --- MIFGSM ---
 
 
-def mifgsm_step(adv, x, grad, momentum, *, alpha, eps, decay=1.0, backend=None, out=None, momentum_out=None):
+def mifgsm_step(adv, x, grad, momentum, *, alpha, eps, decay=1.0, backend=None, out=None, momentum_out=None,
+                consume_grad=False):
     """MIFGSM's step: grad / mean(|grad|) per sample + momentum * decay, then the Linf
     sign step, projection and clip. Returns (next iterate, new momentum).
 
     out and momentum_out (optional) receive the results and may be adv and momentum
-    themselves (an in-place step).
+    themselves (an in-place step). consume_grad: as for linf_step; with momentum_out
+    being momentum, the torch backend then allocates nothing.
     """
     impl = _impl(backend, adv)
     if impl is reference:
+        if consume_grad and momentum_out is momentum:
+            adv_next, _ = inplace.mifgsm_step_(adv, x, grad, momentum, alpha=alpha, eps=eps, decay=decay)
+            return _into(out, adv_next), momentum
         adv_next, mom_next = reference.mifgsm_step(adv, x, grad, momentum, alpha=alpha, eps=eps, decay=decay)
         return _into(out, adv_next), _into(momentum_out, mom_next)
     return impl.mifgsm_step(adv, x, grad, momentum, alpha=alpha, eps=eps, decay=decay, out=out, momentum_out=momentum_out)

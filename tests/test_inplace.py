@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastadv import inplace, reference
-from helpers import assert_equal
+from helpers import assert_close, assert_equal
 
 CASES = [(1, 1, 1, 1), (3, 3, 7, 5), (16, 1, 8, 8), (5, 3, 33, 31)]  # the last: vectorised loops and tails
 
@@ -34,3 +34,21 @@ def test_inplace_equals_twin(shape, dtype, channels_last):
     for eps in (0.5, torch.linspace(0, 1, n), 0.0):
         expected = reference.l2_step(adv, x, grad, alpha=0.2, eps=eps)
         assert_equal(inplace.l2_step_(adv, x, grad.clone(), alpha=0.2, eps=eps), expected)
+
+
+@pytest.mark.parametrize("shape", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inplace_mifgsm_equals_twin(shape, dtype, channels_last):
+    adv, x, grad = inputs(shape, dtype)
+    momentum = inputs(shape, dtype, seed=1)[2]  # with a zero sample and non-finite entries too
+    if channels_last:
+        adv, x, grad, momentum = (t.contiguous(memory_format=torch.channels_last) for t in (adv, x, grad, momentum))
+    n = shape[0]
+    for eps, alpha, decay in ((8 / 255, 2 / 255, 1.0), (torch.linspace(0, 0.1, n), torch.linspace(0.01, 0.02, n), 0.5)):
+        adv_ref, mom_ref = reference.mifgsm_step(adv, x, grad, momentum, alpha=alpha, eps=eps, decay=decay)
+        mom = momentum.clone()
+        adv_in, mom_in = inplace.mifgsm_step_(adv, x, grad.clone(), mom, alpha=alpha, eps=eps, decay=decay)
+        assert mom_in is mom
+        assert_equal(adv_in, adv_ref)
+        assert_close(mom_in, mom_ref, atol=0)  # equal, NaN (a zero-gradient sample's 0/0) where the twin's is

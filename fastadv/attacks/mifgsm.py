@@ -18,6 +18,7 @@ def mifgsm_loop(forward, x, y, *, eps, alpha, steps, decay=1.0, targeted=False, 
         # batch, and a captured CUDA graph replays the update on the same buffer.
         return ops.mifgsm_step(
             adv, x, g, momentum, alpha=alpha, eps=eps, decay=decay, backend=backend, out=out, momentum_out=momentum,
+            consume_grad=True,
         )[0]
 
     state = {"x": x, "eps": eps, "alpha": alpha, "momentum": torch.zeros_like(x)}
