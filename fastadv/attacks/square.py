@@ -338,8 +338,8 @@ def square_single_run(forward, x, y, *, eps, draws, norm="Linf", n_queries=5000,
                    n_queries=n_queries, p_init=p_init, loss=loss, resc_schedule=resc_schedule, targeted=targeted,
                    original=original)
         return x_best, margin_min, n_used
+    # From here on Linf only (L2 always takes the exact path above), compact_every > 1.
     view = [-1] + [1] * (x.dim() - 1)
-
     it = 0
     while it < n_queries:
         # Compaction point: the reference's loop test, then gather the unfooled samples.
@@ -348,29 +348,23 @@ def square_single_run(forward, x, y, *, eps, draws, norm="Linf", n_queries=5000,
             break
         period = range(it, min(it + k_every, n_queries))
         if idx.numel() == 0:  # 'original' may run a query on no sample: only its draws remain
-            draws.skip(2 + c if norm == "Linf" else 5)
+            draws.skip(2 + c)
             it += 1
             continue
         xw, yw, ew, xbw, mw, lw, qw, _, lo, hi = _gather(idx, x, y, eps, x_best, margin_min, loss_min, n_used, norm)
-        if k_every > 1:
-            state = draws.generator.get_state()
-            nan_outside = margin_min.isnan().any() if original else None
-            alive = torch.ones((), dtype=torch.bool, device=x.device)
-            ran = torch.zeros((), dtype=torch.long, device=x.device)
-        if norm == "Linf":
-            positions, signs = draws.linf_block(len(period), c)
+        state = draws.generator.get_state()
+        nan_outside = margin_min.isnan().any() if original else None
+        alive = torch.ones((), dtype=torch.bool, device=x.device)
+        ran = torch.zeros((), dtype=torch.long, device=x.device)
+        positions, signs = draws.linf_block(len(period), c)
         for t, j in enumerate(period):
             active = mw > 0.0
-            if k_every > 1:
-                if j > it:
-                    go = _keep_running(mw, j, original)
-                    alive = alive & (go | nan_outside if original else go)
-                ran = ran + alive
+            if j > it:
+                go = _keep_running(mw, j, original)
+                alive = alive & (go | nan_outside if original else go)
+            ran = ran + alive
             s = window_side(j, n_queries, p_init, resc_schedule, n_features, c, h, w, norm, original)
-            if norm == "Linf":
-                x_new = _linf_candidate(xw, xbw, lo, hi, ew, s, draws, positions[t], signs[t])
-            else:
-                x_new = _l2_candidate(xw, xbw, ew, s, draws, original)
+            x_new = _linf_candidate(xw, xbw, lo, hi, ew, s, draws, positions[t], signs[t])
             margin, loss_new = margin_and_loss(forward, x_new, yw, loss=loss, targeted=targeted, original=original)
             improved = (loss_new < lw).float()
             lw = torch.where(active, _blend(improved, loss_new, lw), lw)
@@ -379,11 +373,10 @@ def square_single_run(forward, x, y, *, eps, draws, norm="Linf", n_queries=5000,
             xbw = torch.where(active.view(view), _blend(improved.view(view), x_new, xbw), xbw)
             qw = qw + active.float()
         x_best[idx], margin_min[idx], loss_min[idx], n_used[idx] = xbw, mw, lw, qw
-        if k_every > 1:
-            executed = int(ran)
-            if executed < len(period):  # the reference stopped inside this period
-                draws.generator.set_state(state)
-                draws.skip(executed * (2 + c))
+        executed = int(ran)
+        if executed < len(period):  # the reference stopped inside this period
+            draws.generator.set_state(state)
+            draws.skip(executed * (2 + c))
         it = period.stop
     return x_best, margin_min, n_used
 
