@@ -7,9 +7,12 @@
 #
 # parts: tests    the gpu-marked tests and the GPU pytest-benchmark suite
 #        kernels  fused step ops vs the eager chain and a copy, 3 shapes, fp32 + bf16
-#        small    every attack on the small models (exact + fast), AutoAttack and DeepFool too
+#        small    every attack (AutoAttack too, DeepFool not) on the small CNN and the linear model,
+#                 batch 1024, exact + fast
+#        digits   the same on the 8x8 CNN (random weights) and the digits-trained CNN
 #        large    PGD / PGDL2 on ResNet-18, WRN-28-10, ResNet-50 and the robust ResNet-18 at
-#                 their GPU batches, and PGD-10 at batch 512 on ResNet-18 and WRN-28-10
+#                 their GPU batches (256, 128, 64, 256), exact + fast
+#        b512     PGD-10 at batch 512 on ResNet-18 and WRN-28-10, exact + fast
 #        aa       AutoAttack (standard) on the robust ResNet-18 at batch 500 vs pyautoattack
 #        plot     bar charts of every results file
 #
@@ -21,6 +24,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
+# Every attack but DeepFool: torchattacks' DeepFool loops over the images one by one,
+# minutes per call at batch 1024 (fastadv's is batched; time it on its own if wanted).
+ZOO=FGSM,FFGSM,PGD,PGDL2,RFGSM,MIFGSM,TPGD,EOTPGD,CW,APGD,APGDT,FAB,Square,AutoAttack
 
 setup() {
     if compgen -G ".whl/*.whl" >/dev/null; then
@@ -37,22 +43,23 @@ part() {
         tests)   "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
                  "$PY" -m pytest -q -p no:cacheprovider -m gpu benchmarks/test_bench_cpu.py --benchmark-enable ;;
         kernels) "$PY" -m benchmarks.bench_kernels --quiet ;;
-        small)   "$PY" -m benchmarks.bench_attacks --models smallcnn,smallcnn-digits,linear,digits-cnn --attacks all \
-                     --repeats 5 --warmup 1 --quiet ;;
-        large)   "$PY" -m benchmarks.bench_attacks --models resnet18,wrn-28-10,resnet50,robust-resnet18 --quiet
-                 "$PY" -m benchmarks.bench_attacks --models resnet18,wrn-28-10 --attacks PGD --batch 512 --quiet ;;
+        small)   "$PY" -m benchmarks.bench_attacks --models smallcnn,linear --attacks "$ZOO" --repeats 5 --warmup 1 --quiet ;;
+        digits)  "$PY" -m benchmarks.bench_attacks --models smallcnn-digits,digits-cnn --attacks "$ZOO" --repeats 5 \
+                     --warmup 1 --quiet ;;
+        large)   "$PY" -m benchmarks.bench_attacks --models resnet18,wrn-28-10,resnet50,robust-resnet18 --quiet ;;
+        b512)    "$PY" -m benchmarks.bench_attacks --models resnet18,wrn-28-10 --attacks PGD --batch 512 --quiet ;;
         aa)      "$PY" -m benchmarks.bench_attacks --models robust-resnet18 --attacks AutoAttack --batch 500 \
                      --modes exact --repeats 2 --warmup 0 --quiet ;;
         plot)    "$PY" -m benchmarks.plot benchmarks/results ;;
-        *)       echo "unknown part '$1' (tests, kernels, small, large, aa, plot, all)" >&2; return 2 ;;
+        *)       echo "unknown part '$1' (tests, kernels, small, digits, large, b512, aa, plot, all)" >&2; return 2 ;;
     esac
 }
 
-[ $# -gt 0 ] || { sed -n '2,19p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
 setup
 for p in "$@"; do
     if [ "$p" = all ]; then
-        for q in tests kernels small large aa plot; do part "$q"; done
+        for q in tests kernels small digits large b512 aa plot; do part "$q"; done
     else
         part "$p"
     fi
