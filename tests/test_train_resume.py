@@ -151,9 +151,22 @@ def test_crash_mid_epoch_resumes_from_the_last_save_bit_exact(tmp_path, data, re
     assert_equals_reference(reference, method, model, history, state)
 
 
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT handled as in a terminal, also where the test runner was started with it
+    ignored (a background job of a non-interactive shell inherits SIG_IGN)."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+def terminal_sigint_in_child():
+    """Popen preexec_fn: the child's Python then installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_ctrl_c_saves_the_current_step_and_resumes_bit_exact(tmp_path, data, reference, method):
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+def test_ctrl_c_saves_the_current_step_and_resumes_bit_exact(tmp_path, data, reference, method, terminal_sigint):
     state = tmp_path / "run.state"
     per_step = FORWARDS_PER_STEP[method]
     # SIGINT during step 5 (no save_every): fit finishes step 5, saves it, raises KeyboardInterrupt.
@@ -289,7 +302,8 @@ def progress(path):
 
 
 def start_and_stop(cmd, cwd, state, at_least, sig):
-    proc = subprocess.Popen(cmd, env=run_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=run_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=terminal_sigint_in_child)
     deadline = time.monotonic() + 120
     try:
         while progress(state) < at_least and proc.poll() is None:
