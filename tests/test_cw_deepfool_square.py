@@ -98,6 +98,34 @@ def test_cw_correct_margin_runs(model, batch):
     assert torch.equal(adv[failed], x[failed])
 
 
+
+class NaNBeyond(nn.Module):
+    """model's logits, NaN (and NaN gradients) for a sample farther than r (L2) from x0."""
+
+    def __init__(self, model, x0, r):
+        super().__init__()
+        self.model, self.x0, self.r = model, x0, r
+
+    def forward(self, x):
+        room = self.r - (x - self.x0).flatten(1).norm(dim=1)
+        return self.model(x) + 0 * torch.sqrt(room)[:, None]  # sqrt(< 0): NaN, its gradient too
+
+
+def test_cw_nan_model_output_gives_the_clean_image(trained_models, batch):
+    """Where the model's output (and gradient) turns NaN the reference's best iterate becomes
+    NaN for good; fastadv returns the clean image there and the reference's bits elsewhere."""
+    x, y = batch
+    model = trained_models["cnn"]
+    kwargs = dict(steps=20, c=5, lr=0.05)
+    free = fastadv.CW(model, **kwargs)(x, y)
+    r = (free - x).flatten(1).norm(dim=1).median().item() / 2  # about half the samples cross it
+    wrapped = NaNBeyond(model, x, r)
+    expected = torchattacks.CW(reference_copy(wrapped), **kwargs)(x, y)
+    actual = fastadv.CW(wrapped, **kwargs)(x, y)
+    lost = expected.flatten(1).isnan().any(1)
+    assert lost.any() and not lost.all(), "the reference should lose some samples to NaN, not all"
+    assert_equal(actual, torch.where(lost.view(-1, 1, 1, 1), x, expected))
+
 # -- DeepFool -----------------------------------------------------------------------------------------
 
 DEEPFOOL_ATOL = 1e-6  # max |ours - torchattacks| measured: 3e-7 (CNN and MLP)

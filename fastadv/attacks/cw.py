@@ -55,7 +55,8 @@ def to_tanh_space(x):
 
 
 def from_tanh_space(w):
-    return 0.5 * (torch.tanh(w) + 1)
+    # tanh's output is saved for its backward; the sum is not, so it can be scaled in place.
+    return (torch.tanh(w) + 1).mul_(0.5)
 
 
 def cw_margin(logits, labels, *, kappa, targeted=False, margin="reference"):
@@ -94,6 +95,7 @@ def cw_loop(forward, x, y, *, c=1, kappa=0, steps=50, lr=0.01, targeted=False, m
     w = to_tanh_space(x).detach().requires_grad_(True)
     best_adv = x.clone()
     best_l2 = 1e10 * torch.ones(n, device=x.device)
+    lost = torch.zeros(n, dtype=torch.bool, device=x.device)
     prev_cost = 1e10
     optimizer = torch.optim.Adam([w], lr=lr)
     x_flat = x.flatten(1)
@@ -118,14 +120,19 @@ def cw_loop(forward, x, y, *, c=1, kappa=0, steps=50, lr=0.01, targeted=False, m
         cur_l2 = cur_l2.detach()
         mask = hit.float() * (best_l2 > cur_l2)
         best_l2 = mask * cur_l2 + (1 - mask) * best_l2
-        mask = mask.view(sample_view)
-        best_adv = mask * adv.detach() + (1 - mask) * best_adv
+        # The reference's mask * adv + (1 - mask) * best as a select: one pass instead of
+        # four. They differ only where an iterate is not finite (a NaN model output): there
+        # 0 * NaN makes the reference's best NaN for good; lost remembers those samples
+        # (cur_l2 is NaN or inf exactly when the iterate is).
+        best_adv = torch.where(mask.view(sample_view).bool(), adv.detach(), best_adv)
+        lost |= ~torch.isfinite(cur_l2)
 
         if step % check_every == 0:
             value = cost.item()
             if value > prev_cost:
                 break
             prev_cost = value
+    best_adv = torch.where(lost.view(sample_view), float("nan"), best_adv)  # the callers return clean images there
     return best_adv.contiguous(memory_format=fmt)
 
 
