@@ -468,6 +468,7 @@ class _StopRequest:
         self.world, self.device = world, device
         self._pending = None  # the exchange launched after the previous step
         self._stream = None
+        self._flag_device = None  # chosen at the first exchange, once the process group exists
 
     def __call__(self, signum, frame):
         if self.requested:
@@ -497,10 +498,12 @@ class _StopRequest:
         """Starts the exchange of this rank's flag; returns a function that reads the result."""
         import torch.distributed as dist
 
-        # The tensor where the backend takes it: the CPU if it can (gloo, mpi, ucc, the
-        # default cpu:gloo,cuda:nccl), else the model's device (nccl: CUDA only).
-        backends = {b.split(":")[0] for b in dist.get_backend_config().split(",")}
-        device = torch.device("cpu") if "cpu" in backends else self.device
+        if self._flag_device is None:
+            # The tensor where the backend takes it: the CPU if it can (gloo, mpi, ucc, the
+            # default cpu:gloo,cuda:nccl), else the model's device (nccl: CUDA only).
+            backends = {b.split(":")[0] for b in dist.get_backend_config().split(",")}
+            self._flag_device = torch.device("cpu") if "cpu" in backends else self.device
+        device = self._flag_device
         flag = torch.full((1,), int(self.requested), dtype=torch.int32, device=device)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         if device.type != "cuda":
