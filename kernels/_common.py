@@ -66,10 +66,23 @@ def load_f32(ptr, offs, mask):
 
 @triton.jit
 def sample_eps(value, value_ptr, sample, PER_SAMPLE: tl.constexpr):
-    """A budget or step size for an element's sample: the scalar, or value_ptr[sample]."""
+    """A budget or step size for a program's sample (a scalar index): the scalar, or value_ptr[sample]."""
+    # One return, assigned in the branch: a jit function whose returns differ in type
+    # (block in one constexpr branch, scalar in the other) does not compile.
+    v = value
     if PER_SAMPLE:
-        return tl.load(value_ptr + sample).to(tl.float32)
-    return value
+        v = tl.load(value_ptr + sample).to(tl.float32)
+    return v
+
+
+@triton.jit
+def element_eps(value, value_ptr, sample, mask, PER_SAMPLE: tl.constexpr):
+    """The same for a block of elements whose samples are the block sample: masked-off
+    lanes (past the last sample) read nothing."""
+    v = value
+    if PER_SAMPLE:
+        v = tl.load(value_ptr + sample, mask=mask, other=0.0).to(tl.float32)
+    return v
 
 
 @triton.jit

@@ -35,19 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import clamp, load_f32, minimum, rnd, sample_eps, sample_row, sample_tile, sign, total
+from ._common import clamp, element_eps, load_f32, minimum, rnd, sample_eps, sample_row, sample_tile, sign, total
 from .utils import deliver, dense_like, elementwise_settings, eps_args, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch L2 row kernel
 TILE = 2048  # tile of the multi-launch L2 path
-
-
-@triton.jit
-def _sample_value(value, value_ptr, sample, mask, PER_SAMPLE: tl.constexpr):
-    """The scalar, or value_ptr[sample] (masked lanes read nothing)."""
-    if PER_SAMPLE:
-        return tl.load(value_ptr + sample, mask=mask, other=0.0).to(tl.float32)
-    return value
 
 
 @triton.jit
@@ -90,8 +82,8 @@ def _apgd_linf_kernel(
     xo = tl.load(old_ptr + offs, mask=mask).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-    s = _sample_value(step, step_ptr, sample, mask, PER_SAMPLE_STEP)
-    e = _sample_value(eps, eps_ptr, sample, mask, PER_SAMPLE_EPS)
+    s = element_eps(step, step_ptr, sample, mask, PER_SAMPLE_STEP)
+    e = element_eps(eps, eps_ptr, sample, mask, PER_SAMPLE_EPS)
     lo = rnd(x - e, DT)
     hi = rnd(x + e, DT)
     z = _project_box(rnd(xa + rnd(s * sign(g), DT), DT), lo, hi)

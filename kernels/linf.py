@@ -9,7 +9,7 @@ result equals torchattacks' chain of eager ops bit for bit.
 import triton
 import triton.language as tl
 
-from ._common import clamp, rnd, sample_eps, sign
+from ._common import clamp, element_eps, rnd, sign
 from .utils import deliver, dense_like, output_buffer, elementwise_settings, eps_args
 
 
@@ -36,11 +36,11 @@ def _linf_step_kernel(
     sample = offs // sample_numel
     a = tl.load(adv_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-    step = sample_eps(alpha, alpha_ptr, sample, PER_SAMPLE_ALPHA)
+    step = element_eps(alpha, alpha_ptr, sample, mask, PER_SAMPLE_ALPHA)
     a = rnd(a + rnd(step * sign(g), DT), DT)
     if PROJECT:
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-        e = sample_eps(eps, eps_ptr, sample, PER_SAMPLE_EPS)
+        e = element_eps(eps, eps_ptr, sample, mask, PER_SAMPLE_EPS)
         d = rnd(clamp(rnd(a - x, DT), -e, e), DT)
         a = rnd(x + d, DT)
     a = clamp(a, 0.0, 1.0)

@@ -39,7 +39,7 @@ def random_start(x, noise, scale=None, out=None):
     if n == 0:
         return deliver(out, buf)
     block, num_warps = elementwise_settings(n)
-    scale_arg = scale.contiguous() if scale is not None else x
+    scale_arg = None if scale is None else scale.contiguous()  # None: a constexpr, never read
     _start_kernel[(triton.cdiv(n, block),)](
         x, noise, buf, scale_arg, n, n // x.shape[0],
         SCALE=scale is not None, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,

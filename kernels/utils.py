@@ -1,4 +1,7 @@
 """Host-side helpers for the kernel launchers: layouts, block sizes, budgets."""
+import math
+import struct
+
 import torch
 import triton
 
@@ -26,17 +29,24 @@ def dense_like(ref: torch.Tensor, *others: torch.Tensor):
 
 
 def fp32(value) -> float:
-    """A Python float rounded to fp32, as PyTorch and compiled Triton pass scalars. (The
-    interpreter would type a float that fp32 cannot hold, like 1e-150, as fp64.)"""
-    return float(torch.tensor(float(value), dtype=torch.float32))
+    """A Python float rounded to fp32 (nearest, ties to even; inf past fp32's range), as
+    PyTorch and compiled Triton pass scalars. (The interpreter would type a float that fp32
+    cannot hold, like 1e-150, as fp64.) Pure Python: no tensor per launch."""
+    value = float(value)
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # finite, but rounds past fp32's largest value
+        return math.copysign(math.inf, value)
 
 
 def eps_args(eps, n_samples: int, device):
-    """(scalar, pointer tensor, per_sample flag) for a float or [N] tensor budget or step."""
+    """(scalar, pointer, per_sample flag) for a float or [N] tensor budget or step.
+
+    For a float the pointer is None: Triton makes a None argument a constexpr, and the
+    kernel never reads it when PER_SAMPLE is False, so no placeholder is allocated."""
     if isinstance(eps, torch.Tensor):
         return 0.0, eps.to(device=device, dtype=torch.float32).contiguous(), True
-    # The pointer is never read when PER_SAMPLE is False; any fp32 tensor will do.
-    return fp32(eps), torch.empty(1, device=device, dtype=torch.float32), False
+    return fp32(eps), None, False
 
 
 def output_buffer(out, dense: torch.Tensor) -> torch.Tensor:
