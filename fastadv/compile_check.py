@@ -61,26 +61,35 @@ class Compiled:
 
     name: str  # the @triton.jit function
     cc: int  # compute capability of the target
-    spec: str  # dtypes, alignment and constexprs of the launch, for failure messages
+    tensors: dict  # pointer parameter -> (torch dtype, 16-byte aligned)
+    options: dict  # constexprs and launch options (BLOCK, PER_SAMPLE_EPS, num_warps, ...)
     kernel: object  # triton's CompiledKernel (asm: ttir, ttgir, llir, ptx, cubin)
 
     @property
     def ptx(self) -> str:
         return self.kernel.asm["ptx"]
 
+    @property
+    def spec(self) -> str:
+        """The specialization in words, for failure messages and tables."""
+        parts = [f"{p}:{str(d).removeprefix('torch.')}{'' if a else ' unaligned'}" for p, (d, a) in self.tensors.items()]
+        parts += [f"{k}={v}" for k, v in self.options.items() if k != "enable_fp_fusion"]
+        return ", ".join(parts)
+
+    @property
+    def key(self):
+        return self.name, self.cc, self.spec
+
     def __str__(self):
         return f"{self.name}[{self.spec}] on sm_{self.cc}"
 
 
-def _describe(fn, args, kwargs) -> str:
-    """The launch's specialization in words: pointer dtypes with 16-byte alignment, scalar types, constexprs."""
-    parts = []
-    for param, value in zip(fn.arg_names, args):
-        if isinstance(value, torch.Tensor):
-            aligned = "" if value.data_ptr() % 16 == 0 else " unaligned"
-            parts.append(f"{param}:{str(value.dtype).removeprefix('torch.')}{aligned}")
-    parts += [f"{k}={v}" for k, v in kwargs.items() if k not in ("enable_fp_fusion",)]
-    return ", ".join(parts)
+def _tensors(fn, args) -> dict:
+    return {
+        param: (value.dtype, value.data_ptr() % 16 == 0)
+        for param, value in zip(fn.arg_names, args)
+        if isinstance(value, torch.Tensor)
+    }
 
 
 @contextlib.contextmanager
@@ -99,13 +108,13 @@ def compile_only(cc: int):
 
     @functools.wraps(real_run)
     def warmup_run(self, *args, grid, warmup, **kwargs):
-        spec = _describe(self, args, kwargs)
+        item = Compiled(self.fn.__name__, cc, _tensors(self, args), dict(kwargs), None)
         try:
-            kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
+            item.kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as err:
-            raise RuntimeError(f"{self.fn.__name__}[{spec}] does not compile for sm_{cc}: {err}") from err
-        compiled.append(Compiled(self.fn.__name__, cc, spec, kernel))
-        return kernel
+            raise RuntimeError(f"{item} does not compile: {err}") from err
+        compiled.append(item)
+        return item.kernel
 
     saved = driver._active
     driver.set_active(_TargetDriver(cc))
@@ -226,9 +235,15 @@ def inspect(item: Compiled) -> Profile:
 # --- every launch configuration of the launchers ---
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAYOUTS = ("contiguous", "channels_last", "misaligned")
-ROW_SHAPE = (3, 3, 5, 7)  # 105 elements per sample: the one-launch row path, sizes off any block
-TILE_SHAPE = (2, 3, 29, 53)  # 4611 elements per sample (> MAX_ROW 4096): the tiled path
+# 'odd': sizes that are no multiple of 16 (Triton then cannot prove a mask constant over a
+# vector, so accesses are scalar); 'misaligned': storage starts one element past 16 bytes.
+LAYOUTS = ("contiguous", "channels_last", "misaligned", "odd")
+SHAPES = {  # (path, odd sizes) -> shape; 'tiled' samples exceed the row kernels' MAX_ROW of 4096
+    ("row", False): (3, 3, 4, 8),
+    ("row", True): (3, 3, 5, 7),
+    ("tiled", False): (2, 3, 40, 48),
+    ("tiled", True): (2, 3, 29, 53),
+}
 
 
 def image(shape, dtype, layout, seed=0):
@@ -237,7 +252,7 @@ def image(shape, dtype, layout, seed=0):
     n = 1
     for s in shape:
         n *= s
-    if layout == "misaligned":
+    if layout == "misaligned":  # the launchers keep this layout (dense, batch outermost)
         return torch.rand(n + 1, generator=g).to(dtype)[1:].view(shape)
     t = torch.rand(shape, generator=g).to(dtype)
     return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
@@ -252,16 +267,17 @@ class Case:
     dtype: torch.dtype
     layout: str
     path: str  # "row" (one program per sample or elementwise) or "tiled"
+    shape: tuple = None  # overrides SHAPES (e.g. a real image size for the static tables)
 
     def __str__(self):
         return f"{self.launcher}({self.mode}) {str(self.dtype).removeprefix('torch.')} {self.layout} {self.path}"
 
     def call(self, launchers):
         """Call the launcher on CPU tensors built for this case."""
-        shape = TILE_SHAPE if self.path == "tiled" else ROW_SHAPE
+        shape = self.shape or SHAPES[self.path, self.layout == "odd"]
         n = shape[0]
         adv, x, old = (image(shape, self.dtype, self.layout, seed) for seed in (0, 1, 2))
-        grad = (image(shape, self.dtype, self.layout, 3) - 0.5)
+        grad = image(shape, self.dtype, self.layout, 3)
         value = {"float": lambda v: v, "tensor": lambda v: torch.full((n,), v)}
         opts = dict(o.split("=") for o in self.mode.split() if "=" in o)
         fn = getattr(launchers, self.launcher)
@@ -273,7 +289,7 @@ class Case:
         if self.launcher == "random_start":
             return fn(x, grad, scale=torch.rand(n).to(self.dtype) if opts["scale"] == "tensor" else None)
         if self.launcher == "mifgsm_step":
-            return fn(adv, x, grad, old - 0.5, alpha=value[opts["alpha"]](0.01), eps=value[opts["eps"]](0.03), decay=1.0)
+            return fn(adv, x, grad, old, alpha=value[opts["alpha"]](0.01), eps=value[opts["eps"]](0.03), decay=1.0)
         if self.launcher == "apgd_linf_step":
             return fn(adv, old, x, grad, step=value[opts["step"]](0.02), eps=value[opts["eps"]](0.03), a=0.75)
         if self.launcher == "apgd_l2_step":
@@ -308,11 +324,16 @@ def _modes():
 
 
 def cases():
-    """Every launcher, every mode, fp32/fp16/bf16, contiguous/channels_last/misaligned, row and tiled path."""
+    """Every launcher in every mode on every dtype (contiguous inputs), and every launcher on
+    every dtype in every other layout (in its first mode: layouts change alignment and
+    divisibility, which modes do not interact with); row and tiled path each."""
+    seen = set()
     for launcher, mode, tiled in _modes():
         for path in ("row", "tiled") if tiled else ("row",):
+            first = (launcher, path) not in seen
+            seen.add((launcher, path))
             for dtype in DTYPES:
-                for layout in LAYOUTS:
+                for layout in LAYOUTS if first else LAYOUTS[:1]:
                     yield Case(launcher, mode, dtype, layout, path)
 
 
@@ -323,3 +344,191 @@ def compile_case(case: Case, cc: int) -> list[Compiled]:
     with compile_only(cc) as found:
         case.call(kernels.compiled())
     return found
+
+
+# --- the design minimum: global traffic each kernel must have, and no more ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """Global accesses of one program-thread's share of a kernel, by kind.
+
+    reads/writes: image-sized tensors read / written once per element (the design minimum
+    of the fused step); gathers: per-element loads of [N] per-sample values (bits each);
+    scalars: per-program loads of one [N] value (32-bit); partials: [N, n_tiles] fp32 rows of
+    partial sums read; partial_stores: one fp32 partial sum written per program.
+    """
+
+    reads: int
+    writes: int
+    gathers: tuple = ()
+    scalars: int = 0
+    partials: int = 0
+    partial_stores: int = 0
+
+
+def design(name: str, o: dict, dtype_bits: dict) -> Traffic:
+    """The design minimum of kernel `name` with options `o` (its constexprs).
+    dtype_bits maps pointer parameter -> element bits, for the gathers' widths."""
+    t = lambda flag: int(bool(o.get(flag)))  # noqa: E731
+    if name == "_linf_step_kernel":
+        proj = t("PROJECT")
+        return Traffic(2 + proj, 1, (32,) * (t("PER_SAMPLE_ALPHA") + proj * t("PER_SAMPLE_EPS")))
+    if name == "_apgd_linf_kernel":
+        return Traffic(4, 1, (32,) * (t("PER_SAMPLE_STEP") + t("PER_SAMPLE_EPS")))
+    if name == "_start_kernel":
+        return Traffic(2, 1, (dtype_bits["scale_ptr"],) if o.get("SCALE") else ())
+    if name == "_apgd_track_kernel":  # adv and grad read, x_best, grad_best, x_best_adv written (masked by row)
+        return Traffic(2, 3, (8, 8))
+    if name == "_l2_row_kernel":
+        return Traffic(3, 1, scalars=t("PER_SAMPLE_EPS"))
+    if name in ("_sumsq_tile_kernel", "_abs_sum_tile_kernel"):
+        return Traffic(1, 0, partial_stores=1)
+    if name == "_l2_tile_kernel":
+        if o["FINISH"]:
+            return Traffic(3, 1, scalars=t("PER_SAMPLE_EPS"), partials=2)
+        return Traffic(3, 0, partials=1, partial_stores=1)
+    if name == "_mifgsm_row_kernel":
+        return Traffic(4, 2, scalars=t("PER_SAMPLE_EPS") + t("PER_SAMPLE_ALPHA"))
+    if name == "_mifgsm_tile_kernel":
+        return Traffic(4, 2, scalars=t("PER_SAMPLE_EPS") + t("PER_SAMPLE_ALPHA"), partials=1)
+    if name == "_apgd_l2_row_kernel":
+        return Traffic(4, 1, scalars=t("PER_SAMPLE_STEP") + t("PER_SAMPLE_EPS"))
+    if name == "_apgd_l2_tile_kernel":
+        phase = o["PHASE"]
+        if phase == 0:
+            return Traffic(1, 0, partial_stores=1)
+        step, eps = t("PER_SAMPLE_STEP"), t("PER_SAMPLE_EPS")
+        if phase == 1:
+            return Traffic(3, 0, scalars=step, partials=1, partial_stores=1)
+        if phase == 2:
+            return Traffic(4, 0, scalars=step + eps, partials=2, partial_stores=1)
+        return Traffic(4, 1, scalars=step + eps, partials=3)
+    raise KeyError(f"no design minimum written down for kernel {name}")
+
+
+def _per_thread(item: Compiled):
+    """(elements per thread, data element bits, threads) of a compiled kernel."""
+    threads = 32 * item.options.get("num_warps", 4)
+    block = item.options.get("BLOCK") or item.options.get("TILE")
+    data = item.tensors.get("out_ptr") or item.tensors.get("adv_ptr") or item.tensors.get("grad_ptr") or item.tensors["v_ptr"]
+    return max(1, block // threads), torch.finfo(data[0]).bits, threads
+
+
+def expected_bits(item: Compiled) -> tuple[int, int, Traffic]:
+    """(load bits, store bits) per thread that the design minimum allows, and the minimum."""
+    dtype_bits = {p: (torch.finfo(d).bits if d.is_floating_point else torch.iinfo(d).bits) for p, (d, _) in item.tensors.items()}
+    traffic = design(item.name, item.options, dtype_bits)
+    per_thread, bits, threads = _per_thread(item)
+    partial_bits = 32 * max(1, item.options.get("TILES_POW2", 1) // threads)
+    loads = per_thread * (bits * traffic.reads + sum(traffic.gathers)) + 32 * traffic.scalars + partial_bits * traffic.partials
+    stores = per_thread * bits * traffic.writes + 32 * traffic.partial_stores
+    return loads, stores, traffic
+
+
+def _bits(widths: dict) -> int:
+    return sum(w * n for w, n in widths.items())
+
+
+def problems(item: Compiled, profile: Profile, vector_expected: bool) -> list[str]:
+    """What is wrong with one compiled kernel (empty when nothing): local memory, global
+    traffic other than the design minimum, and, where vector_expected (aligned fp32 inputs
+    whose sizes are multiples of 16), tensor traffic not moved in 128-bit accesses."""
+    out = []
+    if profile.spills or profile.local_ops:
+        out.append(f"local memory: {profile.spills} bytes, {profile.local_ops} local loads/stores (spills)")
+    loads, stores, traffic = expected_bits(item)
+    for what, got, want in (("load", profile.ptx_loads, loads), ("store", profile.ptx_stores, stores)):
+        if _bits(got) != want:
+            out.append(f"global {what} bits per thread {_bits(got)} {got}, design minimum {want} ({traffic})")
+    for what, ptx, sass in (("load", profile.ptx_loads, profile.sass_loads), ("store", profile.ptx_stores, profile.sass_stores)):
+        if _bits(ptx) != _bits(sass):
+            out.append(f"SASS global {what}s {sass} differ from PTX {ptx}")
+    if vector_expected:
+        per_thread, bits, _ = _per_thread(item)
+        for what, got, n in (("load", profile.ptx_loads, traffic.reads), ("store", profile.ptx_stores, traffic.writes)):
+            if got.get(128, 0) * 128 < per_thread * bits * n:
+                out.append(f"{what}s not 128-bit: {got} for {n} tensors of {per_thread} fp32 per thread")
+    return out
+
+
+# Masked by per-sample flags read per element, the bookkeeping's accesses cannot be proven
+# uniform over a vector: it moves only the rows that change, with scalar accesses.
+SCALAR_BY_DESIGN = ("_apgd_track_kernel",)
+
+
+def vector_expected(case: Case, item: Compiled) -> bool:
+    """Whether the design asks for 128-bit accesses: aligned fp32 inputs of sizes that are multiples of 16."""
+    return (case.dtype == torch.float32 and case.layout in ("contiguous", "channels_last")
+            and item.name not in SCALAR_BY_DESIGN)
+
+
+@dataclasses.dataclass
+class Result:
+    cc: int
+    case: Case
+    item: Compiled
+    profile: Profile | None
+    problems: list
+
+
+def check_all(targets=TARGETS, selected=None, workers: int = 4) -> list[Result]:
+    """Compile every case for every target and check each distinct kernel once.
+
+    A case that fails to compile gives a Result with the error as its problem.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    results, first = [], {}
+    for cc in targets:
+        for case in selected if selected is not None else cases():
+            try:
+                items = compile_case(case, cc)
+            except RuntimeError as err:
+                results.append(Result(cc, case, None, None, [str(err)]))
+                continue
+            for item in items:
+                results.append(Result(cc, case, item, None, []))
+                first.setdefault(item.key, item)
+    with ThreadPoolExecutor(workers) as pool:  # the tools run as subprocesses: threads overlap them
+        profiles = dict(zip(first, pool.map(inspect, first.values())))
+    for r in results:
+        if r.item is not None:
+            r.profile = profiles[r.item.key]
+            r.problems = problems(r.item, r.profile, vector_expected(r.case, r.item))
+    return results
+
+
+def report(results: list[Result]) -> str:
+    """One line per problem, naming the case, the kernel, its specialization and target."""
+    lines = []
+    for r in results:
+        for p in r.problems:
+            lines.append(f"{r.case}: {p}" if r.item is None else f"{r.case}: {r.item}: {p}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m fastadv.compile_check [cc ...]: compile and check everything; exit 1 on any problem."""
+    import sys
+    import time
+
+    import triton
+
+    argv = sys.argv[1:] if argv is None else argv
+    targets = tuple(int(a) for a in argv) or TARGETS
+    t0 = time.perf_counter()
+    results = check_all(targets)
+    bad = report(results)
+    kernels_checked = len({r.item.key for r in results if r.item is not None})
+    print(f"triton {triton.__version__}: {len(results)} launches, {kernels_checked} distinct kernels, "
+          f"targets {', '.join(f'sm_{t}' for t in targets)}, {time.perf_counter() - t0:.1f} s")
+    if bad:
+        print(bad)
+        return 1
+    print("all compile; no local memory; global traffic at the design minimum; 128-bit where aligned fp32")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

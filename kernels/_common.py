@@ -59,6 +59,17 @@ def sample_tile(sample_numel, TILE: tl.constexpr):
 
 
 @triton.jit
+def element_samples(start, sample_numel, BLOCK: tl.constexpr):
+    """The sample of each element start + arange(BLOCK) (start is int64): one 64-bit
+    division per program, then 32-bit ones per element. (A 64-bit division per element
+    compiles to a subroutine call with a stack frame; the offset within the first
+    sample plus BLOCK fits int32 for any sample below 2**31 - BLOCK elements.)"""
+    first = start // sample_numel
+    local = (start - first * sample_numel).to(tl.int32) + tl.arange(0, BLOCK)
+    return first + (local // sample_numel).to(tl.int64)
+
+
+@triton.jit
 def load_f32(ptr, offs, mask):
     """Masked load as fp32 registers (masked-off lanes read 0)."""
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)

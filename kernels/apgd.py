@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import clamp, element_eps, load_f32, minimum, rnd, sample_eps, sample_row, sample_tile, sign, total
-from .utils import deliver, dense_like, elementwise_settings, eps_args, output_buffer
+from ._common import clamp, element_eps, element_samples, load_f32, minimum, rnd, sample_eps, sample_row, sample_tile, sign, total
+from .utils import check_images, deliver, dense_like, elementwise_settings, eps_args, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch L2 row kernel
 TILE = 2048  # tile of the multi-launch L2 path
@@ -75,9 +75,10 @@ def _apgd_linf_kernel(
     BLOCK: tl.constexpr,
 ):
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    sample = offs // sample_numel
+    sample = element_samples(start, sample_numel, BLOCK)
     xa = tl.load(adv_ptr + offs, mask=mask).to(tl.float32)
     xo = tl.load(old_ptr + offs, mask=mask).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
@@ -204,9 +205,10 @@ def _apgd_track_kernel(
     n_elements, sample_numel,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    sample = offs // sample_numel
+    sample = element_samples(start, sample_numel, BLOCK)
     imp = mask & (tl.load(improved_ptr + sample, mask=mask, other=0) != 0)
     fool = mask & (tl.load(fooled_ptr + sample, mask=mask, other=0) != 0)
     xa = tl.load(adv_ptr + offs, mask=imp | fool)
@@ -223,12 +225,13 @@ def _momentum(a):
 
 def apgd_linf_step(x_adv, x_old, x, grad, *, step, eps, a, out=None):
     """Launch the fused APGD Linf update. step and eps are floats or [N] tensors; returns out."""
+    check_images(x_adv=x_adv, x_old=x_old, x=x, grad=grad)
     x_adv, x_old, x, grad = dense_like(x_adv, x_old, x, grad)
     buf = output_buffer(out, x_adv)
     n = x_adv.numel()
     if n == 0:
         return deliver(out, buf)
-    step_val, step_ptr, per_sample_step = eps_args(step, x_adv.shape[0], x_adv.device)
+    step_val, step_ptr, per_sample_step = eps_args(step, x_adv.shape[0], x_adv.device, "step")
     eps_val, eps_ptr, per_sample_eps = eps_args(eps, x_adv.shape[0], x_adv.device)
     a, b = _momentum(a)
     block, num_warps = elementwise_settings(n)
@@ -248,13 +251,14 @@ def apgd_l2_step(x_adv, x_old, x, grad, *, step, eps, a, arithmetic="torchattack
     """
     if arithmetic not in ("torchattacks", "original"):
         raise ValueError(f"arithmetic must be 'torchattacks' or 'original', got {arithmetic!r}")
+    check_images(x_adv=x_adv, x_old=x_old, x=x, grad=grad)
     x_adv, x_old, x, grad = dense_like(x_adv, x_old, x, grad)
     buf = output_buffer(out, x_adv)
     n = x_adv.shape[0]
     if x_adv.numel() == 0:
         return deliver(out, buf)
     numel = x_adv.numel() // n
-    step_val, step_ptr, per_sample_step = eps_args(step, n, x_adv.device)
+    step_val, step_ptr, per_sample_step = eps_args(step, n, x_adv.device, "step")
     eps_val, eps_ptr, per_sample_eps = eps_args(eps, n, x_adv.device)
     a, b = _momentum(a)
     original = arithmetic == "original"
@@ -294,6 +298,10 @@ def apgd_track_(x_adv, grad, x_best, grad_best, x_best_adv, improved, fooled):
     The state tensors must share x_adv's dense layout (they do in the APGD loop);
     otherwise the copies are done by the PyTorch twin.
     """
+    check_images(x_adv=x_adv, grad=grad, x_best=x_best, grad_best=grad_best, x_best_adv=x_best_adv)
+    for name, flags in (("improved", improved), ("fooled", fooled)):
+        if flags.numel() != x_adv.shape[0]:
+            raise ValueError(f"{name} has {flags.numel()} values, expected one per sample ({x_adv.shape[0]})")
     if not _same_dense_layout(x_adv, grad, x_best, grad_best, x_best_adv):
         from fastadv import reference
 

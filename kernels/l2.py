@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import clamp, load_f32, minimum, rnd, sample_eps, sample_row, sample_tile, total
-from .utils import deliver, dense_like, eps_args, fp32, output_buffer
+from .utils import check_images, deliver, dense_like, eps_args, fp32, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch row kernel
 TILE = 2048  # tile of the multi-launch path
@@ -118,6 +118,7 @@ def _l2_tile_kernel(
 
 def l2_step(adv, x, grad, *, alpha, eps, div_eps=1e-10, out=None):
     """Launch the fused L2 step. eps is a float or an [N] tensor; returns the next iterate (in out if given)."""
+    check_images(adv=adv, x=x, grad=grad)
     adv, x, grad = dense_like(adv, x, grad)
     buf = output_buffer(out, adv)
     n = adv.shape[0]

@@ -9,8 +9,8 @@ result equals torchattacks' chain of eager ops bit for bit.
 import triton
 import triton.language as tl
 
-from ._common import clamp, element_eps, rnd, sign
-from .utils import deliver, dense_like, output_buffer, elementwise_settings, eps_args
+from ._common import clamp, element_eps, element_samples, rnd, sign
+from .utils import check_images, deliver, dense_like, output_buffer, elementwise_settings, eps_args
 
 
 @triton.jit
@@ -31,9 +31,10 @@ def _linf_step_kernel(
     BLOCK: tl.constexpr,
 ):
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    sample = offs // sample_numel
+    sample = element_samples(start, sample_numel, BLOCK)
     a = tl.load(adv_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
     step = element_eps(alpha, alpha_ptr, sample, mask, PER_SAMPLE_ALPHA)
@@ -49,13 +50,14 @@ def _linf_step_kernel(
 
 def linf_step(adv, x, grad, *, alpha, eps, project=True, out=None):
     """Launch the fused Linf step. alpha and eps are floats or [N] tensors; returns the next iterate (in out if given)."""
+    check_images(adv=adv, x=x, grad=grad)
     adv, x, grad = dense_like(adv, x, grad)
     buf = output_buffer(out, adv)
     n = adv.numel()
     if n == 0:
         return deliver(out, buf)
     eps_val, eps_ptr, per_sample_eps = eps_args(eps, adv.shape[0], adv.device)
-    alpha_val, alpha_ptr, per_sample_alpha = eps_args(alpha, adv.shape[0], adv.device)
+    alpha_val, alpha_ptr, per_sample_alpha = eps_args(alpha, adv.shape[0], adv.device, "alpha")
     block, num_warps = elementwise_settings(n)
     _linf_step_kernel[(triton.cdiv(n, block),)](
         adv, x, grad, buf, eps_ptr, alpha_ptr, alpha_val, eps_val, n, n // adv.shape[0],

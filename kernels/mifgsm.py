@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import clamp, load_f32, rnd, sample_eps, sample_row, sample_tile, sign, total
-from .utils import deliver, dense_like, eps_args, fp32, output_buffer
+from .utils import check_images, deliver, dense_like, eps_args, fp32, output_buffer
 
 MAX_ROW = 4096  # largest sample handled by the one-launch row kernel
 TILE = 2048  # tile of the two-launch path
@@ -117,6 +117,7 @@ def mifgsm_step(adv, x, grad, momentum, *, alpha, eps, decay=1.0, out=None, mome
     (optional) receive the results and may be adv and momentum themselves: every
     element is read and written by the same program, and the |grad| sums read grad only.
     """
+    check_images(adv=adv, x=x, grad=grad, momentum=momentum)
     adv, x, grad, momentum = dense_like(adv, x, grad, momentum)
     buf, mom_buf = output_buffer(out, adv), output_buffer(momentum_out, adv)
     n = adv.shape[0]
@@ -124,7 +125,7 @@ def mifgsm_step(adv, x, grad, momentum, *, alpha, eps, decay=1.0, out=None, mome
         return deliver(out, buf), deliver(momentum_out, mom_buf)
     numel = adv.numel() // n
     eps_val, eps_ptr, per_sample_eps = eps_args(eps, n, adv.device)
-    alpha_val, alpha_ptr, per_sample_alpha = eps_args(alpha, n, adv.device)
+    alpha_val, alpha_ptr, per_sample_alpha = eps_args(alpha, n, adv.device, "alpha")
     scalars = (eps_ptr, alpha_ptr, alpha_val, eps_val, fp32(decay))
     modes = dict(PER_SAMPLE_EPS=per_sample_eps, PER_SAMPLE_ALPHA=per_sample_alpha, enable_fp_fusion=False)
     if numel <= MAX_ROW:

@@ -7,8 +7,8 @@ by a per-sample factor first (PGDL2: delta *= r / ||delta|| * eps).
 import triton
 import triton.language as tl
 
-from ._common import clamp, rnd
-from .utils import deliver, dense_like, output_buffer, elementwise_settings
+from ._common import clamp, element_samples, rnd
+from .utils import check_images, deliver, dense_like, output_buffer, elementwise_settings
 
 
 @triton.jit
@@ -22,17 +22,21 @@ def _start_kernel(
     BLOCK: tl.constexpr,
 ):
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     d = tl.load(noise_ptr + offs, mask=mask).to(tl.float32)
     if SCALE:
-        d = rnd(d * tl.load(scale_ptr + offs // sample_numel, mask=mask).to(tl.float32), DT)
+        d = rnd(d * tl.load(scale_ptr + element_samples(start, sample_numel, BLOCK), mask=mask).to(tl.float32), DT)
     tl.store(out_ptr + offs, clamp(rnd(x + d, DT), 0.0, 1.0).to(DT), mask=mask)
 
 
 def random_start(x, noise, scale=None, out=None):
     """clamp(x + noise [* scale[:, None, None, None]], 0, 1) in one pass."""
+    check_images(x=x, noise=noise)
+    if scale is not None and scale.numel() != x.shape[0]:
+        raise ValueError(f"scale has {scale.numel()} values, expected one per sample ({x.shape[0]})")
     x, noise = dense_like(x, noise)
     buf = output_buffer(out, x)
     n = x.numel()

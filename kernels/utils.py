@@ -6,6 +6,29 @@ import torch
 import triton
 
 MAX_BLOCK = 4096
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_images(**named):
+    """Raise a clear error, naming the argument, for inputs the kernels cannot take (so a
+    caller never meets a Triton compile error): the first is the reference, the others must
+    match its shape, dtype and device; the dtype must be fp32, fp16 or bf16."""
+    (ref_name, ref), *others = named.items()
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if ref.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{ref_name} has dtype {ref.dtype}; the kernels take float32, float16 or bfloat16 "
+                        f"(backend='torch' takes any floating dtype)")
+    if ref.dim() == 0:
+        raise ValueError(f"{ref_name} must have a batch dimension, got a 0-d tensor")
+    for name, t in others:
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {ref_name}'s {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected {ref_name}'s {ref.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device}, expected {ref_name}'s device {ref.device}")
 
 
 def elementwise_settings(n: int):
@@ -39,12 +62,14 @@ def fp32(value) -> float:
         return math.copysign(math.inf, value)
 
 
-def eps_args(eps, n_samples: int, device):
+def eps_args(eps, n_samples: int, device, name: str = "eps"):
     """(scalar, pointer, per_sample flag) for a float or [N] tensor budget or step.
 
     For a float the pointer is None: Triton makes a None argument a constexpr, and the
     kernel never reads it when PER_SAMPLE is False, so no placeholder is allocated."""
     if isinstance(eps, torch.Tensor):
+        if eps.numel() != n_samples:  # the kernel reads value[sample] for every sample
+            raise ValueError(f"{name} has {eps.numel()} values, expected one per sample ({n_samples}) or a float")
         return 0.0, eps.to(device=device, dtype=torch.float32).contiguous(), True
     return fp32(eps), None, False
 

@@ -1,0 +1,169 @@
+"""The kernels as a GPU compiles them, checked on the CPU (marker `compiled`; `make test-compiled`).
+
+Every launcher, in every mode, on fp32/fp16/bf16, contiguous/channels_last/misaligned/odd-sized
+inputs, on the row and the tiled path, is called on CPU tensors under fastadv.compile_check's
+compile-only driver for sm_80, sm_90 and sm_100: Triton compiles exactly what the launch would
+on that GPU and runs nothing. From each kernel's PTX and SASS: it compiles, it uses no local
+memory, its global traffic equals the design minimum (compile_check.design), and aligned fp32
+inputs move in 128-bit accesses. The same checks run again with the oldest supported triton
+(pyproject's lower bound) in a subprocess. What only a GPU shows (times, the compiled
+arithmetic's bits) is in tests/test_gpu.py.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import fastadv.functional as F
+from fastadv import compile_check as cc_
+from fastadv import kernels
+
+pytestmark = pytest.mark.compiled
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_results = {}
+
+
+def results(cc):
+    """Every case compiled and checked for sm_<cc>, once per session."""
+    if cc not in _results:
+        _results[cc] = cc_.check_all((cc,))
+    return _results[cc]
+
+
+@pytest.mark.parametrize("cc", cc_.TARGETS)
+def test_every_launch_compiles(cc):
+    rs = results(cc)
+    failed = [r for r in rs if r.item is None]
+    assert not failed, "\n" + cc_.report(failed)
+    assert {r.case for r in rs} == set(cc_.cases())
+
+
+@pytest.mark.parametrize("cc", cc_.TARGETS)
+def test_no_spills_design_minimum_traffic_and_128_bit_accesses(cc):
+    rs = [r for r in results(cc) if r.item is not None]
+    bad = cc_.report(rs)
+    assert not bad, "\n" + bad
+    vectorized = [r for r in rs if cc_.vector_expected(r.case, r.item)]
+    assert len(vectorized) > len(rs) // 4  # the 128-bit check really ran on many kernels
+
+
+def test_cases_cover_every_launcher_and_kernel():
+    launchers = {
+        name for m in kernels.MODULES for name, fn in vars(__import__(f"fastadv.kernels.{m}", fromlist=["_"])).items()
+        if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "").startswith("fastadv.kernels.")
+    }
+    launchers -= {"deliver", "dense_like", "output_buffer", "elementwise_settings", "eps_args", "fp32", "check_images"}
+    assert launchers == {c.launcher for c in cc_.cases()}
+    jitted = {
+        name for m in kernels.MODULES for name, fn in vars(__import__(f"fastadv.kernels.{m}", fromlist=["_"])).items()
+        if isinstance(fn, triton.runtime.JITFunction) and name.endswith("_kernel")
+    }
+    assert jitted == {r.item.name for r in results(90) if r.item is not None}
+
+
+def test_the_checks_can_fail():
+    """Misaligned fp32 storage compiles to scalar accesses: asked for 128-bit, the check says so;
+    and a design minimum one tensor short is reported as excess traffic."""
+    case = cc_.Case("linf_step", "project eps=float alpha=float", torch.float32, "misaligned", "row")
+    (item,) = cc_.compile_case(case, 90)
+    profile = cc_.inspect(item)
+    assert any("not 128-bit" in p for p in cc_.problems(item, profile, vector_expected=True))
+    item.options["PROJECT"] = False  # pretend it should read only adv and grad
+    assert any("design minimum" in p for p in cc_.problems(item, profile, vector_expected=False))
+
+
+@triton.jit
+def _block_or_scalar(value, ptr, offs, PER_SAMPLE: tl.constexpr):
+    if PER_SAMPLE:
+        return tl.load(ptr + offs)
+    return value
+
+
+@triton.jit
+def _broken_kernel(ptr, value, PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(ptr + offs, _block_or_scalar(value, ptr, offs, PER_SAMPLE))
+
+
+def test_a_compile_error_names_kernel_specialization_and_target():
+    """The pattern that broke APGD's Linf step on GPUs (a block in one constexpr branch, a
+    scalar in the other) passes the interpreter but not the compiler, and is reported by name."""
+    with pytest.raises(RuntimeError, match=r"_broken_kernel\[ptr:float32, PER_SAMPLE=True, BLOCK=16\] on sm_90 does not compile"):
+        with cc_.compile_only(90):
+            _broken_kernel[(1,)](torch.zeros(16), 1.0, PER_SAMPLE=True, BLOCK=16)
+
+
+def test_compile_only_restores_triton_state():
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    run, active = JITFunction.run, driver._active
+    with pytest.raises(RuntimeError):
+        with cc_.compile_only(80):
+            _broken_kernel[(1,)](torch.zeros(16), 1.0, PER_SAMPLE=True, BLOCK=16)
+    assert JITFunction.run is run and driver._active is active
+
+
+# -- through the attacks: the launches the attacks make, compiled -------------------------------
+
+ATTACKS = [  # (name, call, kernels its launches must compile)
+    ("FGSM", lambda m, x, y: F.fgsm(m, x, y, eps=0.1), {"_linf_step_kernel"}),
+    ("FFGSM", lambda m, x, y: F.ffgsm(m, x, y, eps=0.1, alpha=0.12), {"_linf_step_kernel", "_start_kernel"}),
+    ("RFGSM", lambda m, x, y: F.rfgsm(m, x, y, eps=0.1, alpha=0.05, steps=2), {"_linf_step_kernel", "_start_kernel"}),
+    ("PGD", lambda m, x, y: F.pgd(m, x, y, eps=0.1, alpha=0.02, steps=2), {"_linf_step_kernel", "_start_kernel"}),
+    ("PGD eps=tensor", lambda m, x, y: F.pgd(m, x, y, eps=torch.full((len(x),), 0.1), alpha=0.02, steps=2),
+     {"_linf_step_kernel", "_start_kernel"}),
+    ("PGDL2", lambda m, x, y: F.pgdl2(m, x, y, eps=0.5, alpha=0.2, steps=2), {"_l2_row_kernel", "_start_kernel"}),
+    ("TPGD", lambda m, x, y: F.tpgd(m, x, eps=0.1, alpha=0.02, steps=2), {"_linf_step_kernel"}),
+    ("MIFGSM", lambda m, x, y: F.mifgsm(m, x, y, eps=0.1, alpha=0.02, steps=2), {"_mifgsm_row_kernel"}),
+    ("APGD Linf ce", lambda m, x, y: F.apgd(m, x, y, norm="Linf", eps=0.1, steps=3), {"_apgd_linf_kernel", "_apgd_track_kernel"}),
+    ("APGD L2 dlr", lambda m, x, y: F.apgd(m, x, y, norm="L2", eps=0.5, steps=3, loss="dlr"),
+     {"_apgd_l2_row_kernel", "_apgd_track_kernel"}),
+    ("APGDT Linf", lambda m, x, y: F.apgdt(m, x, y, norm="Linf", eps=0.1, steps=3, n_classes=3),
+     {"_apgd_linf_kernel", "_apgd_track_kernel"}),
+]
+
+
+@pytest.mark.parametrize("name, call, expected", ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_attacks_compile_their_launches(name, call, expected, trained_models, digits):
+    """The attack runs with backend='interpret' under compile_check.twin_launches: each launch
+    is compiled for sm_90 from the attack's own arguments, then run by the interpreter so the
+    loop has values; the output equals the interpreter's alone."""
+    _, (x, y) = digits
+    x, y = x[:6].clone(), y[:6].clone()
+    model = trained_models["mlp"]
+    torch.manual_seed(1)
+    with cc_.twin_launches(90) as compiled:
+        actual = call(model, x, y)
+    torch.manual_seed(1)
+    plain = call(model, x, y)
+    assert expected <= {c.name for c in compiled}, f"{name}: compiled {sorted({c.name for c in compiled})}"
+    assert torch.equal(actual, plain), name
+
+
+@pytest.fixture(autouse=True)
+def _interpret_backend(monkeypatch):
+    monkeypatch.setenv("FASTADV_BACKEND", "interpret")
+
+
+# -- the oldest supported triton ------------------------------------------------------------------
+
+
+def test_oldest_triton_compiles_everything_too():
+    """`make test` installs pyproject's lower bound (triton 3.6, on the lent GPU machines) in its
+    own folder; the same compile and checks run there in a subprocess, for all three targets."""
+    path = os.environ.get("FASTADV_TRITON_OLDEST") or os.path.join(ROOT, ".cache", "triton-3.6.0")
+    if not os.path.isdir(os.path.join(path, "triton")):
+        pytest.skip(f"no oldest triton at {path}: run `make triton-oldest` (make test does)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([path, ROOT]))
+    env.pop("FASTADV_BACKEND", None)
+    done = subprocess.run([sys.executable, "-m", "fastadv.compile_check"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    lower = open(os.path.join(ROOT, "pyproject.toml")).read().split('"triton>=')[1].split('"')[0]
+    assert done.stdout.startswith(f"triton {lower}"), done.stdout
