@@ -161,8 +161,6 @@ def twin_launches(cc: int):
 
 # --- reading the artefacts ---
 
-_BIN = None
-
 
 def tool(name: str) -> str:
     """Path of a CUDA tool (ptxas, cuobjdump, nvdisasm) shipped in the triton wheel."""
@@ -204,8 +202,40 @@ def _sass_width(op: str) -> int:
     return 32
 
 
+def _profile_cache() -> str:
+    """Profiles are kept by cubin hash beside Triton's own kernel cache, so a rerun that finds
+    its kernels compiled (Triton's cache) also skips the disassembler."""
+    base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return os.path.join(os.path.dirname(os.path.abspath(base)), "fastadv-profiles")
+
+
 def inspect(item: Compiled) -> Profile:
     """Registers, spills, shared memory and global accesses of one compiled kernel."""
+    import hashlib
+    import json
+
+    path = os.path.join(_profile_cache(), hashlib.sha256(item.kernel.asm["cubin"] + item.ptx.encode()).hexdigest() + ".json")
+    try:
+        with open(path) as f:
+            return _from_json(json.load(f))
+    except (OSError, ValueError, TypeError):
+        pass
+    profile = _inspect(item)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(dataclasses.asdict(profile), f)
+    os.replace(tmp, path)
+    return profile
+
+
+def _from_json(d) -> Profile:
+    for k in ("ptx_loads", "ptx_stores", "sass_loads", "sass_stores"):  # JSON keys are strings
+        d[k] = {int(w): n for w, n in d[k].items()}
+    return Profile(**d)
+
+
+def _inspect(item: Compiled) -> Profile:
     ptx = item.ptx
     ptx_hits = []
     for kind, vec, _, bits in _PTX_ACCESS.findall(ptx):
@@ -441,9 +471,10 @@ def problems(item: Compiled, profile: Profile, vector_expected: bool) -> list[st
     for what, got, want in (("load", profile.ptx_loads, loads), ("store", profile.ptx_stores, stores)):
         if _bits(got) != want:
             out.append(f"global {what} bits per thread {_bits(got)} {got}, design minimum {want} ({traffic})")
+    # ptxas may merge loads of one address (the per-sample flags), never add traffic or split vectors
     for what, ptx, sass in (("load", profile.ptx_loads, profile.sass_loads), ("store", profile.ptx_stores, profile.sass_stores)):
-        if _bits(ptx) != _bits(sass):
-            out.append(f"SASS global {what}s {sass} differ from PTX {ptx}")
+        if _bits(sass) > _bits(ptx) or sass.get(128, 0) != ptx.get(128, 0):
+            out.append(f"SASS global {what}s {sass} do not match PTX {ptx}")
     if vector_expected:
         per_thread, bits, _ = _per_thread(item)
         for what, got, n in (("load", profile.ptx_loads, traffic.reads), ("store", profile.ptx_stores, traffic.writes)):
@@ -452,15 +483,9 @@ def problems(item: Compiled, profile: Profile, vector_expected: bool) -> list[st
     return out
 
 
-# Masked by per-sample flags read per element, the bookkeeping's accesses cannot be proven
-# uniform over a vector: it moves only the rows that change, with scalar accesses.
-SCALAR_BY_DESIGN = ("_apgd_track_kernel",)
-
-
 def vector_expected(case: Case, item: Compiled) -> bool:
     """Whether the design asks for 128-bit accesses: aligned fp32 inputs of sizes that are multiples of 16."""
-    return (case.dtype == torch.float32 and case.layout in ("contiguous", "channels_last")
-            and item.name not in SCALAR_BY_DESIGN)
+    return case.dtype == torch.float32 and case.layout in ("contiguous", "channels_last")
 
 
 @dataclasses.dataclass

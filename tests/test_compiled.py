@@ -109,6 +109,69 @@ def test_compile_only_restores_triton_state():
     assert JITFunction.run is run and driver._active is active
 
 
+# -- bad input: a clear error naming the argument or the reference path, never a compile error ------
+
+
+def _step_args(dtype=torch.float32, shape=(2, 3, 4, 8)):
+    adv, x, grad = (torch.rand(shape).to(dtype) for _ in range(3))
+    return adv, x, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.complex64])
+def test_unsupported_dtype_is_named_before_triton_sees_it(dtype):
+    adv, x, grad = _step_args(dtype)
+    k = kernels.compiled()
+    with cc_.compile_only(90) as found:
+        with pytest.raises(TypeError, match=r"adv has dtype torch\.\w+; the kernels take float32, float16 or bfloat16"):
+            k.linf_step(adv, x, grad, alpha=0.01, eps=0.03)
+        with pytest.raises(TypeError, match="x_adv has dtype"):
+            k.apgd_linf_step(adv, adv, x, grad, step=0.01, eps=0.03, a=0.75)
+    assert not found
+
+
+def test_float64_takes_the_reference_path_through_ops():
+    from fastadv import ops, reference
+
+    adv, x, grad = _step_args(torch.float64)
+    expected = reference.linf_step(adv, x, grad, alpha=0.01, eps=0.03)
+    with cc_.compile_only(90) as found:
+        actual = ops.linf_step(adv, x, grad, alpha=0.01, eps=0.03, backend="interpret")
+    assert not found and torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("bad, argument", [
+    (dict(grad=torch.rand(2, 3, 4, 7)), "grad has shape"),
+    (dict(x=torch.rand(2, 3, 4, 8).half()), "x has dtype"),
+    (dict(grad=torch.rand(2, 3, 4, 8, device="meta")), "grad is on meta"),
+    (dict(eps=torch.full((3,), 0.03)), "eps has 3 values, expected one per sample"),
+    (dict(alpha=torch.full((1,), 0.01)), "alpha has 1 values"),
+    (dict(adv=torch.tensor(0.5)), "adv must have a batch dimension"),
+])
+def test_mismatched_inputs_are_named(bad, argument):
+    adv, x, grad = _step_args()
+    args = dict(adv=adv, x=x, grad=grad, alpha=0.01, eps=0.03) | bad
+    with cc_.compile_only(90) as found:
+        with pytest.raises((ValueError, TypeError), match=argument):
+            kernels.compiled().linf_step(**args)
+    assert not found
+
+
+def test_triton_backend_on_cpu_tensors_is_a_clear_error():
+    from fastadv import ops
+
+    adv, x, grad = _step_args()
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        ops.linf_step(adv, x, grad, alpha=0.01, eps=0.03, backend="triton")
+
+
+def test_any_layout_compiles_as_a_dense_copy():
+    """Strided (non-dense) inputs are copied to a dense layout before the launch."""
+    adv, x, grad = (t.transpose(2, 3) for t in _step_args(shape=(2, 3, 8, 5)))
+    with cc_.compile_only(90) as found:
+        kernels.compiled().linf_step(adv[:, :, ::2], x[:, :, ::2], grad[:, :, ::2], alpha=0.01, eps=0.03)
+    assert [c.name for c in found] == ["_linf_step_kernel"]
+
+
 # -- through the attacks: the launches the attacks make, compiled -------------------------------
 
 ATTACKS = [  # (name, call, kernels its launches must compile)
