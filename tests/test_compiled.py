@@ -174,6 +174,7 @@ def test_any_layout_compiles_as_a_dense_copy():
 
 # -- through the attacks: the launches the attacks make, compiled -------------------------------
 
+# Every attack with a kernel (FAB runs on PyTorch ops; AutoAttack's launches are APGD's and APGDT's).
 ATTACKS = [  # (name, call, kernels its launches must compile)
     ("FGSM", lambda m, x, y: F.fgsm(m, x, y, eps=0.1), {"_linf_step_kernel"}),
     ("FFGSM", lambda m, x, y: F.ffgsm(m, x, y, eps=0.1, alpha=0.12), {"_linf_step_kernel", "_start_kernel"}),
@@ -182,6 +183,8 @@ ATTACKS = [  # (name, call, kernels its launches must compile)
     ("PGD eps=tensor", lambda m, x, y: F.pgd(m, x, y, eps=torch.full((len(x),), 0.1), alpha=0.02, steps=2),
      {"_linf_step_kernel", "_start_kernel"}),
     ("PGDL2", lambda m, x, y: F.pgdl2(m, x, y, eps=0.5, alpha=0.2, steps=2), {"_l2_row_kernel", "_start_kernel"}),
+    ("EOTPGD", lambda m, x, y: F.eotpgd(m, x, y, eps=0.1, alpha=0.02, steps=2, eot_iter=2),
+     {"_linf_step_kernel", "_start_kernel"}),
     ("TPGD", lambda m, x, y: F.tpgd(m, x, eps=0.1, alpha=0.02, steps=2), {"_linf_step_kernel"}),
     ("MIFGSM", lambda m, x, y: F.mifgsm(m, x, y, eps=0.1, alpha=0.02, steps=2), {"_mifgsm_row_kernel"}),
     ("APGD Linf ce", lambda m, x, y: F.apgd(m, x, y, norm="Linf", eps=0.1, steps=3), {"_apgd_linf_kernel", "_apgd_track_kernel"}),
