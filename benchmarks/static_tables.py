@@ -93,9 +93,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for cc in args.targets:
+        text = table(cc)  # before opening: a failed compile leaves the last table in place
         path = os.path.join(args.out, f"static-sm{cc}.md")
         with open(path, "w") as f:
-            f.write(table(cc))
+            f.write(text)
         print(path)
 
 
