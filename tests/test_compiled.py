@@ -9,6 +9,8 @@ inputs move in 128-bit accesses. The same checks run again with the oldest suppo
 (pyproject's lower bound) in a subprocess. What only a GPU shows (times, the compiled
 arithmetic's bits) is in tests/test_gpu.py.
 """
+import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -49,18 +51,19 @@ def test_no_spills_design_minimum_traffic_and_128_bit_accesses(cc):
     bad = cc_.report(rs)
     assert not bad, "\n" + bad
     vectorized = [r for r in rs if cc_.vector_expected(r.case, r.item)]
-    assert len(vectorized) > len(rs) // 4  # the 128-bit check really ran on many kernels
+    # the 128-bit check really ran, on every launcher (91 of 369 launches on sm_90)
+    assert {r.case.launcher for r in vectorized} == {c.launcher for c in cc_.cases()}
 
 
 def test_cases_cover_every_launcher_and_kernel():
+    modules = [importlib.import_module(f"fastadv.kernels.{m}") for m in kernels.MODULES]
     launchers = {
-        name for m in kernels.MODULES for name, fn in vars(__import__(f"fastadv.kernels.{m}", fromlist=["_"])).items()
-        if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "").startswith("fastadv.kernels.")
+        name for m in modules for name, fn in vars(m).items()
+        if inspect.isfunction(fn) and fn.__module__ == m.__name__ and not name.startswith("_")
     }
-    launchers -= {"deliver", "dense_like", "output_buffer", "elementwise_settings", "eps_args", "fp32", "check_images"}
     assert launchers == {c.launcher for c in cc_.cases()}
     jitted = {
-        name for m in kernels.MODULES for name, fn in vars(__import__(f"fastadv.kernels.{m}", fromlist=["_"])).items()
+        name for m in modules for name, fn in vars(m).items()
         if isinstance(fn, triton.runtime.JITFunction) and name.endswith("_kernel")
     }
     assert jitted == {r.item.name for r in results(90) if r.item is not None}
