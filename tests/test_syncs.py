@@ -7,6 +7,10 @@ counted at two step counts: an iterative attack's count must not grow with the s
 What a call costs once (edge validation, the cascades' robust-point gathers) is pinned
 to the numbers below, so a new sync shows up as a failing test.
 """
+import contextlib
+import types
+import warnings
+
 import pytest
 import torch
 
@@ -33,13 +37,15 @@ def syncs_of(call):
     return recorder.syncs
 
 
+# The attacks that CUDA runs as a captured graph run their eager loop here (the graph's
+# fallback); the captured step itself is checked in test_captured_step_makes_no_sync_and_no_allocation.
 ITERATIVE = {
-    "PGD": lambda m, s: fastadv.PGD(m, eps=LINF, alpha=0.05, steps=s),
-    "PGDL2": lambda m, s: fastadv.PGDL2(m, eps=L2, alpha=0.2, steps=s),
-    "MIFGSM": lambda m, s: fastadv.MIFGSM(m, eps=LINF, alpha=0.05, steps=s),
-    "TPGD": lambda m, s: fastadv.TPGD(m, eps=LINF, alpha=0.05, steps=s),
-    "EOTPGD": lambda m, s: fastadv.EOTPGD(m, eps=LINF, alpha=0.05, steps=s, eot_iter=2),
-    "RFGSM": lambda m, s: fastadv.RFGSM(m, eps=LINF, alpha=0.05, steps=s),
+    "PGD": lambda m, s: fastadv.PGD(m, eps=LINF, alpha=0.05, steps=s, cuda_graph=False),
+    "PGDL2": lambda m, s: fastadv.PGDL2(m, eps=L2, alpha=0.2, steps=s, cuda_graph=False),
+    "MIFGSM": lambda m, s: fastadv.MIFGSM(m, eps=LINF, alpha=0.05, steps=s, cuda_graph=False),
+    "TPGD": lambda m, s: fastadv.TPGD(m, eps=LINF, alpha=0.05, steps=s, cuda_graph=False),
+    "EOTPGD": lambda m, s: fastadv.EOTPGD(m, eps=LINF, alpha=0.05, steps=s, cuda_graph=False, eot_iter=2),
+    "RFGSM": lambda m, s: fastadv.RFGSM(m, eps=LINF, alpha=0.05, steps=s, cuda_graph=False),
     "APGD-Linf-ce": lambda m, s: fastadv.APGD(m, norm="Linf", eps=LINF, steps=s, loss="ce"),
     "APGD-Linf-dlr": lambda m, s: fastadv.APGD(m, norm="Linf", eps=LINF, steps=s, loss="dlr"),
     "APGD-L2-ce": lambda m, s: fastadv.APGD(m, norm="L2", eps=L2, steps=s, loss="ce"),
@@ -62,7 +68,7 @@ def test_no_sync_per_iteration(setup, name):
 # The per-call syncs of the cascades, with every attack at 2 and at 5 steps: AutoAttack's
 # come from gathering the points still robust before each sub-attack (and the clean check).
 CASCADES = {
-    "MultiAttack": lambda m, s: fastadv.MultiAttack([fastadv.PGD(m, eps=LINF, alpha=0.05, steps=s),
+    "MultiAttack": lambda m, s: fastadv.MultiAttack([fastadv.PGD(m, eps=LINF, alpha=0.05, steps=s, cuda_graph=False),
                                                      fastadv.APGD(m, eps=LINF, steps=s)]),
     "AutoAttack": lambda m, s: fastadv.AutoAttack(m, eps=LINF, n_classes=10, steps=s, n_queries=s),
 }
@@ -98,3 +104,83 @@ def test_recorder_counts_device_syncs_and_not_host_scalars():
         with recorder:
             call()
         assert len(recorder.syncs) == expected, recorder.syncs
+
+
+# -- CUDA-graph readiness ----------------------------------------------------------------------
+
+
+class _CapturedOnCPU:
+    """Stands in for torch.cuda's stream and graph API on the CPU: the captured block runs
+    once under the recorder, and what it did is kept. On CUDA, capture records the step
+    without running it and the warm-up step runs before it; here capture runs it, so after
+    2 steps (warm-up + capture, no replay) the result is the real 2-step iterate."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+        self.captures = []
+
+    def install(self, mp):
+        cuda = torch.cuda
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        mp.setattr(cuda, "Stream", stream)
+        mp.setattr(cuda, "current_stream", lambda *a: stream())
+        mp.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+        mp.setattr(cuda, "synchronize", lambda *a: None)
+        mp.setattr(cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
+        mp.setattr(cuda, "graph", self.graph)
+
+    @contextlib.contextmanager
+    def graph(self, graph):
+        self.recorder.reset()
+        yield
+        self.captures.append((list(self.recorder.syncs), list(self.recorder.allocs)))
+
+
+GRAPHED = {
+    "PGD": lambda m, b: fastadv.PGD(m, eps=LINF, alpha=0.05, steps=2, backend=b),
+    "PGDL2": lambda m, b: fastadv.PGDL2(m, eps=L2, alpha=0.2, steps=2, backend=b),
+    "MIFGSM": lambda m, b: fastadv.MIFGSM(m, eps=LINF, alpha=0.05, steps=2, backend=b),
+    "TPGD": lambda m, b: fastadv.TPGD(m, eps=LINF, alpha=0.05, steps=2, backend=b),
+    "EOTPGD": lambda m, b: fastadv.EOTPGD(m, eps=LINF, alpha=0.05, steps=2, eot_iter=2, backend=b),
+    "RFGSM": lambda m, b: fastadv.RFGSM(m, eps=LINF, alpha=0.05, steps=2, backend=b),
+}
+
+
+class _Uncounted(torch.nn.Module):
+    """The model, its own ops not counted: what it allocates (BatchNorm's saved statistics) is
+    the model's, and lands in the graph's memory pool at capture like every activation."""
+
+    def __init__(self, model, recorder):
+        super().__init__()
+        self.model, self.recorder = model, recorder
+
+    def forward(self, x):
+        with self.recorder.paused():
+            return self.model(x)
+
+
+# The factory ops left in a captured step: the seed of each backward (torch.autograd.grad's
+# ones_like of the loss) and EOTPGD's gradient sum (zeros_like). Captured, they are fill kernels
+# into the graph's memory pool: a replay allocates nothing (an eager step allocates them).
+CAPTURED_FILLS = {"EOTPGD": ["aten.zeros_like.default", "aten.ones_like.default", "aten.ones_like.default"]}
+
+
+@pytest.mark.parametrize("name", GRAPHED)
+def test_captured_step_makes_no_sync_and_no_allocation(setup, name):
+    model, x, y = setup
+    recorder = Recorder()
+    model = _Uncounted(model, recorder)
+    capture = _CapturedOnCPU(recorder)
+    torch.manual_seed(1)
+    eager = GRAPHED[name](model, "torch")(x, y)
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture falls back with a warning
+        capture.install(mp)
+        with on_triton_path(recorder), recorder:
+            torch.manual_seed(1)
+            graphed = GRAPHED[name](model, "triton")(x, y)
+    assert len(capture.captures) == 1, f"{name} did not take the CUDA-graph path"
+    syncs, allocs = capture.captures[0]
+    assert syncs == [], f"{name}: the captured step syncs: {syncs}"
+    assert allocs == CAPTURED_FILLS.get(name, ["aten.ones_like.default"]), f"{name}: the captured step allocates {allocs}"
+    assert torch.equal(graphed, eager), f"{name}: the in-place graphed step differs from the eager loop"
