@@ -41,11 +41,13 @@ REPEATS = 5
 
 
 GPU_SIZES = dict(shape="256x3x224x224", b256=256, b512=512, b1024=1024, b_aa=AA_BATCH, steps=10, repeats=REPEATS,
-                 aa_model="robust-resnet18", aa="AutoAttack", device=[])
-# The dry run proves the plumbing, not the numbers: one step, batches of 2 to 4, and in
+                 r18="resnet18", aa_model="robust-resnet18", aa="AutoAttack", device=[])
+# The dry run proves the plumbing, not the numbers: one step, batches of 2 to 4, the 8x8 CNN in
+# ResNet-18's place (ResNet-18 in bf16 autocast takes minutes on a busy CPU), and in
 # AutoAttack's place one APGD step against pyautoattack on the 8x8 digits CNN (the standard
 # AutoAttack always runs its full budget: Square's 5000 queries alone take minutes on a CPU).
-DRY_SIZES = dict(shape="2x3x16x16", b256=2, b512=2, b1024=4, b_aa=4, steps=1, repeats=1, aa_model="digits-cnn",
+DRY_SIZES = dict(shape="2x3x16x16", b256=2, b512=2, b1024=4, b_aa=4, steps=1, repeats=1, r18="smallcnn-digits",
+                 aa_model="digits-cnn",
                  aa="APGD", device=["--device", "cpu", "--backend", "torch"])
 
 
@@ -57,11 +59,11 @@ def plan(dry_run: bool):
     pgd = ["--attacks", "PGD", "--steps", str(z["steps"]), "--repeats", str(z["repeats"]), "--warmup", "1", *dev]
     return [
         ("steps vs copy", bench_kernels, kernels),
-        ("PGD ResNet-18 exact", bench_attacks, ["--models", "resnet18", "--batch", str(z["b256"]), "--modes", "exact",
+        ("PGD ResNet-18 exact", bench_attacks, ["--models", z["r18"], "--batch", str(z["b256"]), "--modes", "exact",
                                                  *pgd]),
         ("PGD small CNN (graph)", bench_attacks, ["--models", "smallcnn", "--batch", str(z["b1024"]), "--modes",
                                                    "exact", *pgd]),
-        ("PGD ResNet-18 fast", bench_attacks, ["--models", "resnet18", "--batch", str(z["b512"]), "--modes", "fast",
+        ("PGD ResNet-18 fast", bench_attacks, ["--models", z["r18"], "--batch", str(z["b512"]), "--modes", "fast",
                                                 *pgd]),
         (z["aa"], bench_attacks, ["--models", z["aa_model"], "--attacks", z["aa"], "--batch", str(z["b_aa"]),
                                   "--steps", str(z["steps"]), "--modes", "exact", "--repeats", "1", "--warmup", "0",

@@ -23,14 +23,14 @@ def test_gpu_quick_dry_run(tmp_path):
     assert kernels == {"linf_step", "l2_step"}
     attacks = {(r["attack"], r["model"], r["mode"], r["reference"]): r for r in rows if r["bench"] == "attacks"}
     assert set(attacks) == {
-        ("PGD", "resnet18", "exact", "torchattacks"), ("PGD", "smallcnn", "exact", "torchattacks"),
-        ("PGD", "resnet18", "fast", "torchattacks"), ("APGD", "digits-cnn", "exact", "pyautoattack"),
+        ("PGD", "smallcnn-digits", "exact", "torchattacks"), ("PGD", "smallcnn", "exact", "torchattacks"),
+        ("PGD", "smallcnn-digits", "fast", "torchattacks"), ("APGD", "digits-cnn", "exact", "pyautoattack"),
     }
-    for key in [("PGD", "resnet18", "exact", "torchattacks"), ("PGD", "smallcnn", "exact", "torchattacks")]:
+    for key in [("PGD", "smallcnn-digits", "exact", "torchattacks"), ("PGD", "smallcnn", "exact", "torchattacks")]:
         assert attacks[key]["equal"] is True, key  # exact mode on the CPU: the reference's bits
     apgd = attacks[("APGD", "digits-cnn", "exact", "pyautoattack")]
     assert 0 <= apgd["success_rate"] <= 1 and 0 <= apgd["reference_success_rate"] <= 1
-    assert attacks[("PGD", "resnet18", "exact", "torchattacks")]["fastadv_floor_ratio"] > 0
-    assert 0 <= attacks[("PGD", "resnet18", "fast", "torchattacks")]["exact_agreement"] <= 1
+    assert attacks[("PGD", "smallcnn-digits", "exact", "torchattacks")]["fastadv_floor_ratio"] > 0
+    assert 0 <= attacks[("PGD", "smallcnn-digits", "fast", "torchattacks")]["exact_agreement"] <= 1
     summary = proc.stdout[proc.stdout.index("== quick summary =="):]
     assert summary.count("\n") >= 7 and "in all (setup included)" in summary
