@@ -44,10 +44,10 @@ GPU_SIZES = dict(shape="256x3x224x224", b256=256, b512=512, b1024=1024, b_aa=AA_
                  r18="resnet18", aa_model="robust-resnet18", aa="AutoAttack", device=[])
 # The dry run proves the plumbing, not the numbers: one step, batches of 2 to 4, the 8x8 CNN in
 # ResNet-18's place (ResNet-18 in bf16 autocast takes minutes on a busy CPU), and in
-# AutoAttack's place one APGD step against pyautoattack on the 8x8 digits CNN (the standard
+# AutoAttack's place one APGD step against pyautoattack on it (the standard
 # AutoAttack always runs its full budget: Square's 5000 queries alone take minutes on a CPU).
 DRY_SIZES = dict(shape="2x3x16x16", b256=2, b512=2, b1024=4, b_aa=4, steps=1, repeats=1, r18="smallcnn-digits",
-                 aa_model="digits-cnn",
+                 aa_model="smallcnn-digits",
                  aa="APGD", device=["--device", "cpu", "--backend", "torch"])
 
 

@@ -24,11 +24,11 @@ def test_gpu_quick_dry_run(tmp_path):
     attacks = {(r["attack"], r["model"], r["mode"], r["reference"]): r for r in rows if r["bench"] == "attacks"}
     assert set(attacks) == {
         ("PGD", "smallcnn-digits", "exact", "torchattacks"), ("PGD", "smallcnn", "exact", "torchattacks"),
-        ("PGD", "smallcnn-digits", "fast", "torchattacks"), ("APGD", "digits-cnn", "exact", "pyautoattack"),
+        ("PGD", "smallcnn-digits", "fast", "torchattacks"), ("APGD", "smallcnn-digits", "exact", "pyautoattack"),
     }
     for key in [("PGD", "smallcnn-digits", "exact", "torchattacks"), ("PGD", "smallcnn", "exact", "torchattacks")]:
         assert attacks[key]["equal"] is True, key  # exact mode on the CPU: the reference's bits
-    apgd = attacks[("APGD", "digits-cnn", "exact", "pyautoattack")]
+    apgd = attacks[("APGD", "smallcnn-digits", "exact", "pyautoattack")]
     assert 0 <= apgd["success_rate"] <= 1 and 0 <= apgd["reference_success_rate"] <= 1
     assert attacks[("PGD", "smallcnn-digits", "exact", "torchattacks")]["fastadv_floor_ratio"] > 0
     assert 0 <= attacks[("PGD", "smallcnn-digits", "fast", "torchattacks")]["exact_agreement"] <= 1
