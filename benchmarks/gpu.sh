@@ -2,10 +2,15 @@
 # The GPU benchmark suite (H100 / H200), from the repository root, in parts that each
 # end well inside ten minutes:
 #
+#   bash benchmarks/gpu.sh quick                # the headline rows in one lent slot (< 8 minutes, unmeasured)
+#   bash benchmarks/gpu.sh quick --dry-run      # the same on the CPU at tiny sizes (a test in the suite)
 #   bash benchmarks/gpu.sh all                  # every part, in this order
 #   bash benchmarks/gpu.sh tests kernels        # or some of them
 #
-# parts: tests    the gpu-marked tests and the GPU pytest-benchmark suite
+# parts: quick    the gpu-marked tests, then benchmarks/quick.py: the steps at 256x3x224x224 vs copy,
+#                 PGD-10 ResNet-18 b256 (floor, torchattacks), small CNN b1024, fast mode ResNet-18 b512,
+#                 AutoAttack on the robust ResNet-18 vs pyautoattack; results in <device-slug>-quick.*
+#        tests    the gpu-marked tests and the GPU pytest-benchmark suite
 #        kernels  fused step ops vs the eager chain and a copy, 3 shapes, fp32 + bf16
 #        small    every attack (AutoAttack too, DeepFool not) on the small CNN and the linear model,
 #                 batch 1024, exact + fast
@@ -16,7 +21,7 @@
 #        aa       AutoAttack (standard) on the robust ResNet-18 at batch 500 vs pyautoattack
 #        plot     bar charts of every results file
 #
-# Machines without the reference libraries: put their wheels in .whl/ first
+# Machines without the reference libraries: put their wheels in .whl/ first (ignored by git)
 # (pip download --no-deps torchattacks==3.5.1 pyautoattack==0.2.0 -d .whl); they are
 # installed into /tmp/site. fastadv itself is installed in place, so fastadv.kernels
 # resolves. A copy of the tree without .git: set FASTADV_COMMIT=<hash>.
@@ -29,6 +34,10 @@ export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:40
 ZOO=FGSM,FFGSM,PGD,PGDL2,RFGSM,MIFGSM,TPGD,EOTPGD,CW,APGD,APGDT,FAB,Square,AutoAttack
 
 setup() {
+    if [ "$DRY_RUN" = 1 ]; then  # the CPU environment that runs the test suite has everything
+        "$PY" -c "import fastadv.kernels, torchattacks, pyautoattack"
+        return
+    fi
     if compgen -G ".whl/*.whl" >/dev/null; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade .whl/*.whl
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -40,6 +49,14 @@ setup() {
 
 part() {
     case "$1" in
+        quick)   if [ "$DRY_RUN" = 1 ]; then
+                     "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py  # collects, skips without CUDA
+                     "$PY" -m benchmarks.quick --dry-run --results "${FASTADV_QUICK_RESULTS:-benchmarks/results}"
+                 else
+                     "$PY" -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors tests ||
+                         { echo "gpu.sh quick: gpu tests FAILED; the benchmarks run anyway" >&2; FAILED=1; }
+                     "$PY" -m benchmarks.quick --results "${FASTADV_QUICK_RESULTS:-benchmarks/results}"
+                 fi ;;
         tests)   "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
                  "$PY" -m pytest -q -p no:cacheprovider -m gpu benchmarks/test_bench_cpu.py --benchmark-enable ;;
         kernels) "$PY" -m benchmarks.bench_kernels --quiet ;;
@@ -51,16 +68,26 @@ part() {
         aa)      "$PY" -m benchmarks.bench_attacks --models robust-resnet18 --attacks AutoAttack --batch 500 \
                      --modes exact --repeats 2 --warmup 0 --quiet ;;
         plot)    "$PY" -m benchmarks.plot benchmarks/results ;;
-        *)       echo "unknown part '$1' (tests, kernels, small, digits, large, b512, aa, plot, all)" >&2; return 2 ;;
+        *)       echo "unknown part '$1' (quick, tests, kernels, small, digits, large, b512, aa, plot, all)" >&2; return 2 ;;
     esac
 }
 
-[ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
+DRY_RUN=0
+PARTS=()
+for a in "$@"; do
+    if [ "$a" = --dry-run ]; then DRY_RUN=1; else PARTS+=("$a"); fi
+done
+[ ${#PARTS[@]} -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+[ "$DRY_RUN" = 0 ] || [ "${PARTS[*]}" = quick ] || { echo "--dry-run goes with quick only" >&2; exit 2; }
+SECONDS=0
+FAILED=0
 setup
-for p in "$@"; do
+for p in "${PARTS[@]}"; do
     if [ "$p" = all ]; then
         for q in tests kernels small digits large b512 aa plot; do part "$q"; done
     else
         part "$p"
     fi
 done
+echo "gpu.sh ${PARTS[*]}: ${SECONDS} s in all (setup included)"
+exit "$FAILED"

@@ -13,6 +13,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "interpret")
+KERNEL_DEVICE = "cuda"  # the device type the compiled kernels run on (the sync-count tests set "cpu")
 
 
 def default_backend() -> str:
@@ -29,8 +30,8 @@ def resolve(backend, device: torch.device) -> str:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     device = device if isinstance(device, torch.device) else torch.device(device)  # called per step: skip the copy
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if name == "triton" and device.type != "cuda":
+        return "triton" if device.type == KERNEL_DEVICE else "torch"
+    if name == "triton" and device.type != KERNEL_DEVICE:
         raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}; use 'interpret' on the CPU")
     if name == "interpret" and device.type != "cpu":
         raise ValueError(f"backend='interpret' runs on CPU tensors, got tensors on {device}")

@@ -5,7 +5,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from fastadv import validation
+from fastadv import backend, validation
 from fastadv.validation import check_logits
 
 
@@ -56,7 +56,7 @@ class EngineOptions:
                 raise ValueError(f"batch_size must be an int >= 1 or None, got {self.batch_size!r}")
 
     def use_graph(self, x: torch.Tensor, backend_name: str) -> bool:
-        if self.early_stop or not x.is_cuda or backend_name != "triton":
+        if self.early_stop or x.device.type != backend.KERNEL_DEVICE or backend_name != "triton":
             return False
         return True if self.cuda_graph is None else bool(self.cuda_graph)
 
@@ -210,7 +210,7 @@ def finite_or_clean(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     if adv.shape != x.shape or adv.numel() == 0:
         return adv
-    if adv.device.type == "cpu" and torch.isfinite(adv.sum(dtype=torch.float64)):
-        return adv  # a finite sum means every entry is finite: one read pass, no copy
+    if adv.device.type == "cpu" and torch.isfinite(adv.sum()):
+        return adv  # a finite sum means every entry is finite: one read pass, no copy (an overflow takes the exact path)
     bad = ~torch.isfinite(adv).reshape(adv.shape[0], -1).all(1)
     return torch.where(bad.reshape(-1, *([1] * (adv.dim() - 1))), x.to(adv.dtype), adv)

@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from fastadv import backend
+
 # Models (by id) whose capture failed once: not tried again in this process.
 _uncapturable = set()
 
@@ -35,7 +37,7 @@ def run(update, grad, adv, steps, per_sample, *, early_stop=False, cuda_graph=Fa
     """
     if early_stop:
         return _run_early_stop(update, grad, adv, steps, per_sample)
-    if cuda_graph and steps >= 2 and adv.is_cuda and id(model) not in _uncapturable:
+    if cuda_graph and steps >= 2 and adv.device.type == backend.KERNEL_DEVICE and id(model) not in _uncapturable:
         return _run_graph(update, grad, adv, steps, per_sample, model)
     for _ in range(steps):
         adv = update(adv, grad(adv), **per_sample)
@@ -63,15 +65,19 @@ def _run_early_stop(update, grad, adv, steps, per_sample):
 
 def _run_graph(update, grad, adv, steps, per_sample, model):
     static = adv.clone()
+
+    def step():  # in place: the graph reads and writes the same buffer every replay
+        update(static, grad(static), out=static, **per_sample)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # the first step runs eagerly: warms up cuDNN/Triton and checks the logits
-        update(static, grad(static), out=static, **per_sample)
+        step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            update(static, grad(static), out=static, **per_sample)
+            step()
     except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
         _uncapturable.add(id(model))
         warnings.warn(f"fastadv: CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=3)

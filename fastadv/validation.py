@@ -1,7 +1,9 @@
 """Checks at the API edge: bad input gets a clear error naming the argument.
 
 Every check reads its inputs and never modifies them. The checks that need the
-data (range, finiteness, label range) cost one host sync per call, never per step.
+data cost one pass and one host sync each, once per call, never per step: the
+images' range and finiteness (one min/max pass), the labels' range (at the first
+forward, when the number of classes is known).
 """
 import math
 import numbers
@@ -23,8 +25,8 @@ def check_images(images, name="images", check_range=True) -> None:
         raise ValueError(f"{name} must have shape [N, ...] (e.g. [N, C, H, W]), got shape {tuple(images.shape)}")
     if images.numel() == 0:
         return
-    lo, hi = torch.aminmax(images.detach())
-    lo, hi = lo.item(), hi.item()
+    # NaN propagates through min and max, inf lands in one of them: one pass tells all
+    lo, hi = torch.stack(torch.aminmax(images.detach())).tolist()
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or inf")
     if check_range and (lo < -RANGE_TOL or hi > 1 + RANGE_TOL):
@@ -54,10 +56,17 @@ def check_logits(logits, labels: torch.Tensor, n_classes_min: int = 1) -> None:
     c = logits.shape[1]
     if c < n_classes_min:
         raise ValueError(f"the model returns {c} classes, at least {n_classes_min} needed")
-    if n and labels.numel():
-        lo, hi = torch.aminmax(labels)
-        if lo.item() < 0 or hi.item() >= c:
-            raise ValueError(f"labels must lie in [0, {c - 1}] for a model with {c} classes, got [{lo.item()}, {hi.item()}]")
+    check_label_range(labels, c)
+
+
+def check_label_range(labels: torch.Tensor, n_classes: int) -> None:
+    """Every label in [0, n_classes): one pass, one host sync."""
+    if labels.numel():
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        if lo < 0 or hi >= n_classes:
+            raise ValueError(
+                f"labels must lie in [0, {n_classes - 1}] for a model with {n_classes} classes, got [{lo}, {hi}]"
+            )
 
 
 def check_budget(value, name: str, *, positive=False, n=None):

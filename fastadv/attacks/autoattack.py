@@ -220,9 +220,7 @@ class AutoAttack(Attack):
     def _check_classes(self, logits, y_first, y):
         validation.check_logits(logits, y_first, n_classes_min=2)
         c = logits.shape[1]
-        lo, hi = torch.aminmax(y)
-        if lo.item() < 0 or hi.item() >= c:
-            raise ValueError(f"labels must lie in [0, {c - 1}] for a model with {c} classes, got [{lo.item()}, {hi.item()}]")
+        validation.check_label_range(y, c)
         if self.n_classes > c:
             raise ValueError(f"n_classes={self.n_classes} exceeds the {c} classes the model returns")
         targeted = {"apgd-t", "fab-t"} & set(self.attacks_to_run)
