@@ -114,6 +114,10 @@ def test_bench_tiny_config_writes_json_and_png(tmp_path, capsys, monkeypatch):
     assert rows[0]["fastadv_ms"] > 0 and rows[0]["reference_ms"] > 0 and rows[0]["floor_ms"] > 0
     assert 0 <= rows[0]["success_rate"] <= 1 and rows[0]["reference_success_rate"] == rows[0]["success_rate"]
     assert "exact_agreement" not in rows[0]  # an exact-mode row has nothing to agree with
+    # calls counted by wrapping the model: PGD-2 is 2 forwards and 2 gradients per sample everywhere
+    calls = rows[0]["calls_per_sample"]
+    assert calls == {who: {"forwards": 2.0, "grads": 2.0} for who in ("fastadv", "torchattacks", "floor")}
+    assert "grads/sample fastadv / ref / floor" in out and "| 2 / 2 / 2 |" in out
     assert_png(plot_dir / "bench-attacks.png", 300, 200)
 
 
