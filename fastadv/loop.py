@@ -150,7 +150,7 @@ CYCLE_HISTORY = 16
 CYCLE_CHECK_EVERY = 4
 
 
-def run_cycle_exit(update, grad, adv, steps, per_sample, *, history=CYCLE_HISTORY, check_every=CYCLE_CHECK_EVERY):
+def run_cycle_exit(update, grad, adv, steps, per_sample, *, history=None, check_every=None):
     """Iterate like ``run``, but stop iterating each sample once its iterate repeats.
 
     When the next iterate is a deterministic function of the current one, per sample
@@ -162,8 +162,11 @@ def run_cycle_exit(update, grad, adv, steps, per_sample, *, history=CYCLE_HISTOR
     current iterate exactly (``==``) with the earlier ones; samples that repeat leave
     the batch with the iterate their period implies. The loss of the samples that stay
     keeps the full batch's scale (grad.keep), so their trajectory is unchanged.
-    Returns a tensor equal, bit for bit, to ``run``'s.
+    Returns a tensor equal, bit for bit, to ``run``'s. history, check_every: None for
+    CYCLE_HISTORY and CYCLE_CHECK_EVERY (read at call time, so a benchmark can sweep them).
     """
+    history = CYCLE_HISTORY if history is None else history
+    check_every = CYCLE_CHECK_EVERY if check_every is None else check_every
     if history < 2 or check_every < 1:
         raise ValueError(f"history must be >= 2 and check_every >= 1, got {history} and {check_every}")
     result = torch.empty_like(adv)
