@@ -43,8 +43,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks import models as bench_models
-from benchmarks import results, timing
+from . import models as bench_models
+from . import results, timing
 
 SMALL_MODELS = ("smallcnn", "smallcnn-digits", "linear", "digits-cnn")
 

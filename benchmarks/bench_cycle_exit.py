@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from benchmarks import models as bench_models
-from benchmarks import results, timing
+from . import models as bench_models
+from . import results, timing
 
 # (eps, alpha) per model: the issue's two digits settings, torchattacks' defaults on CIFAR-10.
 SETTINGS = {

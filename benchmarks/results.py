@@ -73,6 +73,10 @@ def commit() -> str:
     (for copies of the tree without .git, such as a lent GPU machine)."""
     if os.environ.get("FASTADV_COMMIT"):
         return os.environ["FASTADV_COMMIT"]
+    if not (REPO_ROOT / "benchmarks").is_dir():  # an installed copy (fastadv.bench): no checkout to ask
+        import fastadv
+
+        return f"fastadv {fastadv.__version__} (installed)"
     head = _git("rev-parse", "HEAD")
     if not head:
         return "unknown"
