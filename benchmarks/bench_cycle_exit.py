@@ -8,7 +8,9 @@ time is the median over the repeats on the chosen clock; 'equal' is torch.equal 
 torchattacks' output. --sweep also times the exit's check interval (CYCLE_CHECK_EVERY) and
 history (CYCLE_HISTORY) on the first model and step count.
 
-    python -m benchmarks.bench_cycle_exit                       # the committed CPU results
+    python -m benchmarks.bench_cycle_exit --models digits-cnn --sweep --repeats 2     # the committed CPU results
+    python -m benchmarks.bench_cycle_exit --models robust-resnet18 --batch 4 --repeats 0 \
+        --out benchmarks/results/cycle_exit_cpu_resnet18
     python -m benchmarks.bench_cycle_exit --models digits-cnn --steps 100 --repeats 1 --no-write
 """
 import argparse
@@ -46,14 +48,14 @@ def measure(counter, x, y, attacks, *, repeats, clock, seed):
     """{name: {'ms', 'grads', 'forwards', 'out'}}: median time and calls per sample of each attack."""
     ms = {name: [] for name in attacks}
     calls, outs = {}, {}
-    for r in range(repeats + 1):  # round 0 warms up, and counts
+    for r in range(repeats + 1):  # round 0 warms up and counts (and is the time when repeats is 0)
         for name, atk in attacks.items():
             counter.reset()
             torch.manual_seed(seed)
             out, wall, cpu = timing.timed_call(lambda: atk(x, y), x.device)
             if r == 0:
                 calls[name], outs[name] = counter.per_sample(x.shape[0]), out
-            else:
+            if r > 0 or repeats == 0:
                 ms[name].append(cpu if clock == "cpu" else wall)
     return {name: {"ms": timing.summary(ms[name])[0], "forwards": calls[name][0], "grads": calls[name][1],
                    "out": outs[name]} for name in attacks}
@@ -120,11 +122,12 @@ def main(argv=None):
     p.add_argument("--models", default="digits-cnn,robust-resnet18")
     p.add_argument("--steps", default="10,50,100,1000")
     p.add_argument("--batch", type=int, default=None, help="default: 449 (digits test split), 8 for the ResNet-18")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the counted one (0: time that one)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="also time other check intervals and histories")
+    p.add_argument("--out", default=str(OUT), help="results path without suffix (.json and .md are written)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -153,9 +156,10 @@ def main(argv=None):
     text = markdown(data)
     print(text)
     if not args.no_write:
-        OUT.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-        OUT.with_suffix(".md").write_text(text)
-        print(f"wrote {OUT}.json and .md", file=sys.stderr)
+        out = pathlib.Path(args.out)
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        out.with_suffix(".md").write_text(text)
+        print(f"wrote {out}.json and .md", file=sys.stderr)
     return rows
 
 
