@@ -159,8 +159,9 @@ def run_cycle_exit(update, grad, adv, steps, per_sample, *, history=None, check_
     is already known: the one (steps - t) mod p steps further round the cycle. The
     loop keeps the last ``history`` iterates of every active sample in a ring (the
     update writes straight into it), and every ``check_every`` steps compares the
-    current iterate exactly (``==``) with the earlier ones; samples that repeat leave
-    the batch with the iterate their period implies. The loss of the samples that stay
+    current iterate bit for bit with the earlier ones; samples that repeat leave
+    the batch with the iterate their period implies. It holds ``history`` copies of the
+    batch's iterates (16 by default). The loss of the samples that stay
     keeps the full batch's scale (grad.keep), so their trajectory is unchanged.
     Returns a tensor equal, bit for bit, to ``run``'s. history, check_every: None for
     CYCLE_HISTORY and CYCLE_CHECK_EVERY (read at call time, so a benchmark can sweep them).
@@ -195,10 +196,10 @@ def _settled(ring, done, steps):
     """(mask of the samples whose iterate after `done` steps repeats an earlier one, their
     iterates after `steps` steps), or (None, None) when none repeats (one host sync)."""
     history = len(ring)
-    current = ring[done % history]
+    current = _bits(ring[done % history])
     period = torch.zeros(current.shape[0], dtype=torch.long, device=current.device)
     for p in range(min(history - 1, done), 0, -1):  # descending: the shortest period wins
-        same = (current == ring[(done - p) % history]).flatten(1).all(1)
+        same = (current == _bits(ring[(done - p) % history])).flatten(1).all(1)
         period = torch.where(same, p, period)
     settled = period > 0
     if not bool(settled.any()):
@@ -209,6 +210,14 @@ def _settled(ring, done, steps):
     rows = torch.nonzero(settled).flatten()
     final = torch.stack([_take(r, rows) for r in ring])[slots, torch.arange(rows.numel(), device=rows.device)]
     return settled, final
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t):
+    """t's bit patterns as integers: a repeat is the same bits (0.0 and -0.0 differ, a NaN equals itself)."""
+    return t.view(_SAME_SIZE_INT[t.element_size()])
 
 
 def _per_sample(v, n):

@@ -201,3 +201,16 @@ def test_loop_syncs_once_per_check_while_nothing_settles():
     with SyncCounter() as syncs:
         loop.run_cycle_exit(ticker, Countdown(), start, 41, per_sample)
     assert syncs.count == 40 // loop.CYCLE_CHECK_EVERY
+
+
+@pytest.mark.parametrize("steps", [9, 10])
+def test_loop_tells_zero_from_negative_zero(steps):
+    """0.0 and -0.0 compare equal but are other bits: a sign flip of 0.0 has period 2, not 1."""
+
+    def flip(adv, g, out=None):
+        return out.copy_(-adv) if out is not None else -adv
+
+    start = torch.zeros(3, 4)
+    expected = loop.run(flip, Countdown(), start.clone(), steps, {})
+    actual = loop.run_cycle_exit(flip, Countdown(), start.clone(), steps, {})
+    assert torch.equal(actual.signbit(), expected.signbit()), (actual, expected)
