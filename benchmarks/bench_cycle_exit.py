@@ -107,7 +107,7 @@ def markdown(data):
     lines = [
         "# PGD with and without the exact early exit (cycle_exit), CPU", "",
         f"{env['device']}; commit {env['commit']}; torch {env['torch']}; python {env['python']}; {env['date']} (UTC).",
-        f"Command: `{data['command']}`. Times: median of {data['repeats']} runs ({data['clock']} clock, "
+        f"Command: `{data['command']}`. Times: median of {max(data['repeats'], 1)} run(s) ({data['clock']} clock, "
         f"{data['threads']} thread); calls counted by wrapping the model; 'equal': torch.equal with torchattacks.", "",
         results.table(data["rows"], COLUMNS), "",
     ]
@@ -134,7 +134,9 @@ def main(argv=None):
     from fastadv.calls import CallCounter
 
     env = results.environment("cpu")
-    rows, sweep_rows, sweep_case = [], None, None
+    command = "python -m benchmarks.bench_cycle_exit " + " ".join(argv if argv is not None else sys.argv[1:])
+    data = {"command": command, "repeats": args.repeats, "clock": args.clock, "threads": args.threads, "rows": [],
+            "sweep": None, "sweep_case": None}
     for name in args.models.split(","):
         model = bench_models.build(name, "cpu", seed=args.seed)
         counter = CallCounter(model).eval()
@@ -144,23 +146,22 @@ def main(argv=None):
             for steps in [int(s) for s in args.steps.split(",")]:
                 m = measure(counter, x, y, variants(counter, eps, alpha, steps), repeats=args.repeats, clock=args.clock,
                             seed=args.seed)
-                rows.append(row(name, batch, eps, alpha, steps, m, env, args.clock))
-                print(results.table(rows[-1:], COLUMNS).splitlines()[-1], file=sys.stderr)
-                if args.sweep and sweep_rows is None and steps >= 100:
-                    sweep_case = f"{name}, batch {batch}, eps {eps:g}, alpha {alpha:g}, PGD-{steps}"
-                    sweep_rows = sweep(counter, x, y, eps, alpha, steps, repeats=args.repeats, clock=args.clock,
-                                       seed=args.seed)
-    data = {"command": "python -m benchmarks.bench_cycle_exit " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "repeats": args.repeats, "clock": args.clock, "threads": args.threads, "rows": rows,
-            "sweep": sweep_rows, "sweep_case": sweep_case}
-    text = markdown(data)
-    print(text)
-    if not args.no_write:
-        out = pathlib.Path(args.out)
-        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-        out.with_suffix(".md").write_text(text)
-        print(f"wrote {out}.json and .md", file=sys.stderr)
-    return rows
+                data["rows"].append(row(name, batch, eps, alpha, steps, m, env, args.clock))
+                print(results.table(data["rows"][-1:], COLUMNS).splitlines()[-1], file=sys.stderr)
+                if args.sweep and data["sweep"] is None and steps >= 100:
+                    data["sweep_case"] = f"{name}, batch {batch}, eps {eps:g}, alpha {alpha:g}, PGD-{steps}"
+                    data["sweep"] = sweep(counter, x, y, eps, alpha, steps, repeats=args.repeats, clock=args.clock,
+                                          seed=args.seed)
+                if not args.no_write:  # after every row: a long run that is stopped keeps what it measured
+                    write(data, args.out)
+    print(markdown(data))
+    return data["rows"]
+
+
+def write(data, out):
+    out = pathlib.Path(out)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(data))
 
 
 def _robust_inputs(model, batch, seed):
