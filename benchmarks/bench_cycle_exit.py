@@ -8,7 +8,7 @@ time is the median over the repeats on the chosen clock; 'equal' is torch.equal 
 torchattacks' output. --sweep also times the exit's check interval (CYCLE_CHECK_EVERY) and
 history (CYCLE_HISTORY) on the first model and step count.
 
-    python -m benchmarks.bench_cycle_exit --models digits-cnn --sweep --repeats 2     # the committed CPU results
+    python -m benchmarks.bench_cycle_exit --models digits-cnn --repeats 1 --sweep     # the committed CPU results
     python -m benchmarks.bench_cycle_exit --models robust-resnet18 --batch 4 --repeats 0 \
         --out benchmarks/results/cycle_exit_cpu_resnet18
     python -m benchmarks.bench_cycle_exit --models digits-cnn --steps 100 --repeats 1 --no-write
