@@ -9,7 +9,7 @@ torchattacks' output. --sweep also times the exit's check interval (CYCLE_CHECK_
 history (CYCLE_HISTORY) on the first model and step count.
 
     python -m benchmarks.bench_cycle_exit --models digits-cnn --repeats 1 --sweep     # the committed CPU results
-    python -m benchmarks.bench_cycle_exit --models robust-resnet18 --batch 4 --repeats 0 \
+    python -m benchmarks.bench_cycle_exit --models robust-resnet18 --batch 2 --repeats 0 \
         --out benchmarks/results/cycle_exit_cpu_resnet18
     python -m benchmarks.bench_cycle_exit --models digits-cnn --steps 100 --repeats 1 --no-write
 """
