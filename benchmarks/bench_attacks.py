@@ -15,6 +15,9 @@ perf_counter.
   the attack makes (steps for PGD; steps x eot_iter for EOTPGD; 1 for FGSM; ...).
   Square is a forward-only attack: its floor is n_queries forwards. Attacks whose
   work is not a fixed count of gradients (FAB, DeepFool, AutoAttack) have none.
+- Calls: the forward passes and gradient evaluations (input-gradient backward passes)
+  per sample of one more, untimed run of each of fastadv, the references and the floor,
+  counted by wrapping the model (fastadv.calls.CallCounter).
 - Bit-exact: ``torch.equal(fastadv output, reference output)``, with the max abs
   difference when not equal (PGDL2 on Triton sums norms in another order). On CUDA
   the pair is re-run with deterministic algorithms for this check only.
@@ -40,8 +43,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks import models as bench_models
-from benchmarks import results, timing
+from . import models as bench_models
+from . import results, timing
 
 SMALL_MODELS = ("smallcnn", "smallcnn-digits", "linear", "digits-cnn")
 
@@ -281,6 +284,47 @@ def make_inputs(model, model_name, batch, device, seed):
         return x, model(x).argmax(1)
 
 
+def case_builders(cls, attack, x, y, kwargs, mode_kw, *, grads, forwards, device, backend, seed, refs):
+    """[(name, build)] for fastadv, each reference library and the floor, where build(model)
+    returns the zero-argument call to time on that model (None: that library lacks the attack)."""
+
+    def fastadv_build(model):
+        atk = make_fastadv(cls, model, kwargs, mode_kw, backend)
+        return seeded(lambda: atk(x, y), seed)
+
+    def reference_build(lib):
+        def build(model):
+            fn = reference_call(lib, attack, model, kwargs, device)
+            return None if fn is None else seeded(lambda: fn(x, y), seed)
+        return build
+
+    def floor_build(model):
+        from fastadv.calls import CallCounter
+
+        # The floor's channels_last copy of the model would take a counter's counts with it;
+        # the layout changes no call, so a counted floor runs in the model's own layout.
+        kw = {k: v for k, v in mode_kw.items() if k != "channels_last"} if isinstance(model, CallCounter) else mode_kw
+        return floor_call(model, x, y, grads=grads, forwards=forwards, mode_kw=kw, device=device)
+
+    builders = [("fastadv", fastadv_build)] + [(lib, reference_build(lib)) for lib in refs]
+    if grads or forwards:
+        builders.append(("floor", floor_build))
+    return builders
+
+
+def count_calls(build, model, n):
+    """{'forwards': ..., 'grads': ...} per sample of one untimed run of build(model), counted by
+    wrapping the model (fastadv.calls.CallCounter), not derived from the attack's settings."""
+    from fastadv.calls import CallCounter
+
+    counter = CallCounter(model)
+    fn = build(counter)
+    if fn is not None:
+        fn()
+    fwd, bwd = counter.per_sample(n)
+    return {"forwards": fwd, "grads": bwd}
+
+
 def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, device, backend, seed, refs,
              clock="wall", progress=None):
     """Rows (one per reference library) for one attack on one model/batch/mode; [] when skipped."""
@@ -295,17 +339,12 @@ def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, d
     num_classes = model_spec.num_classes
     kwargs = spec.kwargs(steps, num_classes, model_spec.eps)
     fa_kwargs = dict(kwargs, **mode_kw)
-    fa_atk = make_fastadv(cls, model, kwargs, mode_kw, backend)
-    calls = [("fastadv", seeded(lambda: fa_atk(x, y), seed))]
-    wanted = [r for r in spec.references if r in refs]
-    for lib in wanted:
-        fn = reference_call(lib, attack, model, kwargs, device)
-        if fn is not None:
-            calls.append((lib, seeded(lambda fn=fn: fn(x, y), seed)))
     grads = spec.grads(steps, num_classes) if spec.grads else None
     forwards = spec.forwards(steps, num_classes) if spec.forwards else None
-    if grads or forwards:
-        calls.append(("floor", floor_call(model, x, y, grads=grads, forwards=forwards, mode_kw=mode_kw, device=device)))
+    builders = case_builders(cls, attack, x, y, kwargs, mode_kw, grads=grads, forwards=forwards, device=device,
+                             backend=backend, seed=seed, refs=[r for r in spec.references if r in refs])
+    calls = [(name, fn) for name, build in builders if (fn := build(model)) is not None]
+    counted = {name: count_calls(build, model, x.shape[0]) for name, build in builders if name in dict(calls)}
 
     wall = {name: [] for name, _ in calls}
     cpu = {name: [] for name, _ in calls}
@@ -358,6 +397,7 @@ def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, d
         "samples_ms": {k: [round(v, 4) for v in vs] for k, vs in samples.items()},
     }
     base.update(outcomes)
+    base["calls_per_sample"] = counted
     if other_med:
         base[f"{other_clock}_median_ms"] = other_med  # the same runs on the other clock
     if hasattr(os, "getloadavg"):

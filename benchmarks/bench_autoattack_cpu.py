@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from benchmarks import results
+from . import results
 
 RESULTS_JSON = results.RESULTS_DIR / "autoattack_cpu.json"
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from benchmarks import results, timing
+from . import results, timing
 
 SHAPES = ["128x3x32x32", "512x3x32x32", "256x3x224x224"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

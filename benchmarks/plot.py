@@ -14,7 +14,7 @@ import argparse
 import math
 import pathlib
 
-from benchmarks import results
+from . import results
 
 COLORS = {"fastadv": "#1f77b4", "torchattacks": "#ff7f0e", "pyautoattack": "#2ca02c", "floor": "#7f7f7f"}
 

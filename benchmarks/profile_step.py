@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from benchmarks import models as bench_models
-from benchmarks.bench_attacks import ATTACKS, fastadv_class, make_inputs, reference_call
+from . import models as bench_models
+from .bench_attacks import ATTACKS, fastadv_class, make_inputs, reference_call
 
 
 def profile_one(fn, device, row_limit):

@@ -73,6 +73,10 @@ def commit() -> str:
     (for copies of the tree without .git, such as a lent GPU machine)."""
     if os.environ.get("FASTADV_COMMIT"):
         return os.environ["FASTADV_COMMIT"]
+    if not (REPO_ROOT / "benchmarks").is_dir():  # an installed copy (fastadv.bench): no checkout to ask
+        import fastadv
+
+        return f"fastadv {fastadv.__version__} (installed)"
     head = _git("rev-parse", "HEAD")
     if not head:
         return "unknown"
@@ -195,10 +199,24 @@ KERNEL_COLUMNS = [
     ("timer", "timer"), ("threads", "threads"), ("load", "load_avg_1m"), ("env", "env"),
 ]
 
+def calls_cell(kind):
+    """'fastadv / reference / floor' calls per sample of one kind ('grads' or 'forwards')."""
+
+    def cell(r):
+        calls = r.get("calls_per_sample")
+        if not calls:
+            return None
+        return " / ".join(fmt(calls.get(who, {}).get(kind)) for who in ("fastadv", r.get("reference"), "floor"))
+
+    return cell
+
+
 ATTACK_COLUMNS = [
     ("attack", "attack"), ("model", "model"), ("batch", "batch"), ("mode", "mode"), ("device", "device_kind"),
     ("backend", "backend"), ("reference", "reference"), ("fastadv ms", "fastadv_ms"), ("ref ms", "reference_ms"),
     ("floor ms", "floor_ms"), ("speedup", "speedup"),
+    ("grads/sample fastadv / ref / floor", calls_cell("grads")),
+    ("forwards/sample fastadv / ref / floor", calls_cell("forwards")),
     ("fastadv/floor", "fastadv_floor_ratio"), ("ref/floor", "reference_floor_ratio"), ("bit-exact", equal_cell),
     ("success", "success_rate"), ("ref success", "reference_success_rate"), ("exact success", "exact_success_rate"),
     ("agreement w/ exact", "exact_agreement"),

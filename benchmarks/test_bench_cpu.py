@@ -19,8 +19,8 @@ import os
 import pytest
 import torch
 
-from benchmarks import models as bench_models
-from benchmarks.bench_kernels import make_inputs
+from . import models as bench_models
+from .bench_kernels import make_inputs
 
 torchattacks = pytest.importorskip("torchattacks")
 fastadv = pytest.importorskip("fastadv")

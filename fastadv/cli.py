@@ -8,8 +8,8 @@
 
 ``demo`` trains (or loads from $FASTADV_CACHE, default ~/.cache/fastadv) a plain and a
 PGD-AT SmallCNN on digits, evaluates them and times fastadv against torchattacks
-(fastadv.demo); ``bench`` runs benchmarks/bench_attacks.py for one case and needs a
-source checkout; ``eval --plots`` adds PNG figures (fastadv.plots).
+(fastadv.demo); ``bench`` runs the attack benchmark (benchmarks/bench_attacks.py, installed
+as fastadv.bench) for one case; ``eval --plots`` adds PNG figures (fastadv.plots).
 
 Both run under torchrun as well (``torchrun --nproc_per_node N -m fastadv ...``):
 with WORLD_SIZE > 1 the process group is initialised from the environment (gloo on
@@ -318,31 +318,17 @@ def cmd_demo(args):
 # -- bench ---------------------------------------------------------------------------------
 
 def _bench_modules():
-    """benchmarks.bench_attacks, .plot and .results from a source checkout, or CLIError."""
-    import importlib
+    """fastadv.bench's attack benchmark, plot and results modules (the benchmarks/ suite, installed)."""
+    from fastadv.bench import bench_attacks, plot, results
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for candidate in (None, os.getcwd(), root):
-        if candidate is not None:
-            if not os.path.isfile(os.path.join(candidate, "benchmarks", "bench_attacks.py")) or candidate in sys.path:
-                continue
-            sys.path.insert(0, candidate)
-        try:
-            return (importlib.import_module("benchmarks.bench_attacks"), importlib.import_module("benchmarks.plot"),
-                    importlib.import_module("benchmarks.results"))
-        except ImportError as e:
-            if getattr(e, "name", None) not in ("benchmarks", "benchmarks.bench_attacks", "benchmarks.plot",
-                                                "benchmarks.results"):
-                raise
-    raise CLIError("the benchmarks package is not importable: it ships with the source checkout, not the "
-                   "installed package; run `fastadv bench` (or `python -m fastadv bench`) from a fastadv source checkout")
+    return bench_attacks, plot, results
 
 
 def cmd_bench(args):
     import tempfile
 
     bench, plot, results = _bench_modules()
-    from benchmarks import models as bench_models
+    from fastadv.bench import models as bench_models
 
     if args.model not in bench_models.MODELS:
         raise CLIError(f"unknown --model {args.model!r}: expected one of {', '.join(sorted(bench_models.MODELS))}")
@@ -457,9 +443,9 @@ def build_parser():
     d.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="time one attack: fastadv against torchattacks and the floor (source checkout)",
+    b = sub.add_parser("bench", help="time one attack: fastadv against torchattacks and the floor, with model calls",
                        description="Time one attack on one benchmark model: fastadv, the reference libraries and the "
-                                   "floor, alternating runs, medians (benchmarks/bench_attacks.py; needs a source checkout).")
+                                   "floor, alternating runs, medians, and the model calls each makes per sample (fastadv.bench).")
     b.add_argument("--model", default="smallcnn", help="benchmark model: smallcnn, smallcnn-digits, linear, resnet18, "
                    "wrn-28-10, resnet50, robust-resnet18, digits-cnn (default: smallcnn)")
     b.add_argument("--attack", default="PGD", help="attack class, e.g. PGD, FGSM, APGD (default: PGD)")

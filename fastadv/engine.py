@@ -36,6 +36,20 @@ class EngineOptions:
         out of memory) the chunk is halved and the run goes on.
     cuda_graph: capture one step as a CUDA graph and replay it (None: automatic,
         on for CUDA tensors on the Triton backend without early stopping).
+    cycle_exit: exact early exit for the deterministic sign-step attacks (PGD, RFGSM,
+        TPGD): a sample whose iterate repeats an earlier one leaves the batch with the
+        final iterate its cycle implies; the returned tensor is bit-identical to the run
+        without it, with fewer gradient evaluations (fastadv.loop.run_cycle_exit). True,
+        False, or None: automatic, on in exact mode for eager runs (CPU) of at least
+        CYCLE_MIN_STEPS steps, where it is measured to pay; off on CUDA, where the
+        captured graph is used and cuBLAS/cuDNN may pick other kernels for a smaller batch.
+        It is exact only when each sample's next iterate depends on that sample's iterate
+        alone, so it is off, whatever this says, when that cannot hold: a model with
+        modules in training mode (dropout draws, batch statistics mix samples), EOT and
+        other attacks with randomness in each step, and early_stop; None also leaves it
+        off for a model that is a plain function (its modes cannot be seen). It also
+        assumes the model's kernels give a sample the same bits whatever the batch size,
+        as PyTorch's CPU kernels did on every model tested (tests/test_cycle_exit.py).
     fast: shorthand for precision='bf16' and channels_last=True.
     """
 
@@ -45,20 +59,41 @@ class EngineOptions:
     batch_size: int = None
     cuda_graph: bool = None
     fast: bool = False
+    cycle_exit: bool = None
 
     def __post_init__(self):
         if self.fast:
             object.__setattr__(self, "precision", self.precision or "bf16")
             object.__setattr__(self, "channels_last", True)
         autocast_dtype(self.precision)
+        if self.cycle_exit not in (None, True, False):
+            raise ValueError(f"cycle_exit must be True, False or None, got {self.cycle_exit!r}")
+        if self.cycle_exit and self.early_stop:
+            raise ValueError("cycle_exit and early_stop cannot both be on (early_stop changes the result; cycle_exit never does)")
         if self.batch_size is not None:
             if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
                 raise ValueError(f"batch_size must be an int >= 1 or None, got {self.batch_size!r}")
 
     def use_graph(self, x: torch.Tensor, backend_name: str) -> bool:
-        if self.early_stop or x.device.type != backend.KERNEL_DEVICE or backend_name != "triton":
+        if self.early_stop or self.cycle_exit or x.device.type != backend.KERNEL_DEVICE or backend_name != "triton":
             return False
         return True if self.cuda_graph is None else bool(self.cuda_graph)
+
+    def use_cycle_exit(self, x: torch.Tensor, backend_name: str, steps: int, model, deterministic=True) -> bool:
+        """Whether this run uses the exact early exit (see cycle_exit above).
+
+        model: the attacked nn.Module, or the attack's forward (an Attack's bound get_logits).
+        deterministic: False for attacks with randomness in each step (EOT).
+        """
+        if self.cycle_exit is False or self.early_stop or not deterministic:
+            return False
+        module = attacked_module(model)
+        if module is not None and any(m.training for m in module.modules()):
+            return False
+        if self.cycle_exit:
+            return True
+        auto = module is not None and self.precision is None and steps >= CYCLE_MIN_STEPS
+        return auto and not self.use_graph(x, backend_name)
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         """x in the memory format the attack runs in."""
@@ -68,6 +103,20 @@ class EngineOptions:
 
 
 EXACT = EngineOptions()
+
+# cycle_exit=None turns the exit on from this many steps: iterates settle into cycles after
+# about 20 steps at the earliest (measured on the digits CNN), so shorter runs only pay the checks.
+CYCLE_MIN_STEPS = 20
+
+
+def attacked_module(model):
+    """The nn.Module behind an attack's forward: the module itself, or an Attack's model
+    when forward is its bound get_logits; None for a plain function."""
+    if isinstance(model, nn.Module):
+        return model
+    owner = getattr(model, "__self__", None)
+    module = getattr(owner, "model", None)
+    return module if isinstance(module, nn.Module) else None
 
 
 def model_device(model: nn.Module, fallback: torch.device) -> torch.device:

@@ -46,7 +46,8 @@ def eotpgd_loop(forward, x, y, *, eps, alpha, steps, eot_iter=2, random_start=Tr
     adv, x = engine.layout(adv), engine.layout(x)
     grad = SummedGradient(CrossEntropyGradient(forward, y, targeted, engine.precision), eot_iter)
 
-    adv = linf_iterations(grad, adv, x, eps=eps, alpha=alpha, steps=steps, backend=backend, engine=engine, model=forward)
+    adv = linf_iterations(grad, adv, x, eps=eps, alpha=alpha, steps=steps, backend=backend, engine=engine, model=forward,
+                          deterministic=False)  # EOT exists for randomized models: no cycle exit
     return adv.contiguous(memory_format=fmt)
 
 

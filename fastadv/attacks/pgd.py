@@ -14,18 +14,24 @@ def uniform_start(x, eps, backend=None):
     return ops.random_start(x, torch.empty_like(x).uniform_(-eps, eps), backend=backend)
 
 
-def linf_iterations(grad, adv, x, *, eps, alpha, steps, backend=None, engine=EXACT, model=None):
+def linf_iterations(grad, adv, x, *, eps, alpha, steps, backend=None, engine=EXACT, model=None, deterministic=True):
     """steps fused Linf sign steps from adv (PGD, EOTPGD, RFGSM, TPGD share this loop).
 
-    grad(adv) is the attack's gradient (with succeeded()/keep() for early stopping).
+    grad(adv) is the attack's gradient (with succeeded()/keep() for early stopping and
+    the cycle exit). deterministic: False when grad draws randomness each step (EOT),
+    which rules out the cycle exit.
     """
 
     def update(adv, g, x, eps, alpha, out=None):
         return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out, consume_grad=True)
 
+    per_sample = {"x": x, "eps": eps, "alpha": alpha}
+    backend_name = resolve(backend, x.device)
+    if engine.use_cycle_exit(x, backend_name, steps, model, deterministic):
+        return loop.run_cycle_exit(update, grad, adv, steps, per_sample)
     return loop.run(
-        update, grad, adv, steps, {"x": x, "eps": eps, "alpha": alpha}, early_stop=engine.early_stop,
-        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=model,
+        update, grad, adv, steps, per_sample, early_stop=engine.early_stop,
+        cuda_graph=engine.use_graph(x, backend_name), model=model,
     )
 
 
