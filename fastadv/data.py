@@ -72,7 +72,7 @@ class TensorSource:
     def __len__(self):
         return len(self.y)
 
-    def identity(self) -> str:
+    def identity(self, read=True) -> str:
         return data_digest(self.x, self.y)
 
     def batches(self, index_lists, progress=None):
@@ -96,12 +96,16 @@ class DatasetSource:
     def __len__(self):
         return len(self.dataset)
 
-    def identity(self) -> str:
+    def identity(self, read=True) -> str:
+        """The data's digest; a dataset known only by its items is read whole for it,
+        unless read is False (no state file to check: the digest is not needed)."""
         own = getattr(self.dataset, "fingerprint", None)
         if callable(own):
             return str(own())
         if isinstance(self.dataset, TensorDataset) and len(self.dataset.tensors) == 2:
             return data_digest(*self.dataset.tensors)
+        if not read:
+            return f"not read: {type(self.dataset).__name__} of {len(self)} samples"
         return self._streamed_digest()
 
     def _streamed_digest(self) -> str:
@@ -125,7 +129,8 @@ class DatasetSource:
         if not index_lists:
             return
         options = dict(self.options)
-        options.setdefault("generator", torch.Generator().manual_seed(0))  # else the iterator draws from the global RNG
+        if options.get("generator") is None:  # else each iterator draws its workers' seed from the global RNG
+            options["generator"] = torch.Generator().manual_seed(0)
         loader = DataLoader(self.dataset, batch_sampler=index_lists, **options)
         for batch in loader:
             if isinstance(batch, BaseException):  # a fastadv data set's collate reports bad samples this way
@@ -159,7 +164,7 @@ def as_source(data, what="data"):
     if isinstance(data, IterableDataset):
         raise DataError(f"{what}: an IterableDataset cannot be sharded or resumed; pass a map-style Dataset")
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")
-                                     and not isinstance(data, (tuple, list, torch.Tensor))):
+                                     and not isinstance(data, (str, bytes, dict, tuple, list, torch.Tensor))):
         return DatasetSource(data)
     raise DataError(f"{what} must be a DataLoader, a map-style Dataset or an (images, labels) pair of tensors, "
                     f"got {type(data).__name__}")

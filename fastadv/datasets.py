@@ -136,12 +136,12 @@ def _read_image(path, resize=None, crop=None):
     with Image.open(path) as im:
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L"):
-            im, scale = im.convert("I"), 1 / 65535.0
+            im, divisor = im.convert("I"), 65535.0
         elif im.mode in ("I", "F"):
-            scale = 1.0 if im.mode == "F" else 1 / 255.0
+            divisor = None if im.mode == "F" else 255.0
         else:
             gray = im.mode in ("1", "L", "LA")  # palette, RGB(A), CMYK, ...: 3 channels
-            im, scale = im.convert("L" if gray else "RGB"), 1 / 255.0
+            im, divisor = im.convert("L" if gray else "RGB"), 255.0
         if resize:
             w, h = im.size
             s = resize / min(w, h)
@@ -152,7 +152,8 @@ def _read_image(path, resize=None, crop=None):
                 raise DataError(f"image {path} is {w}x{h}, smaller than --crop {crop} (pass --resize too)")
             left, top = (w - crop) // 2, (h - crop) // 2
             im = im.crop((left, top, left + crop, top + crop))
-        a = np.asarray(im, dtype=np.float32) * scale
+        a = np.asarray(im, dtype=np.float32)
+        a = a / divisor if divisor else a  # a division, as x / 255 of uint8 tensors
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(a)).clamp_(0, 1)
 

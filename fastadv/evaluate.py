@@ -294,9 +294,14 @@ def evaluate(model, data, *args, eps, batch_size=None, state_path=None, seed=0, 
             if lo < 0 or hi >= n_classes:
                 raise EvaluationError(f"labels must lie in [0, {n_classes - 1}] for a model with {n_classes} classes, "
                                       f"got labels in [{lo}, {hi}]")
+        # rank 0 identifies the data (a dataset without its own fingerprint is read whole,
+        # and only when there is a state file to check); the other ranks read only their shards
+        data_id = source.identity(read=state_path is not None) if rank == 0 else None
+        if world > 1:
+            data_id = broadcast_object(data_id)
         description = {
             "attacks": names, "eps": float(eps), "batch_size": int(batch_size), "seed": int(seed), "n": int(n),
-            "model_sha256": model_digest(model), "data_sha256": source.identity(),
+            "model_sha256": model_digest(model), "data_sha256": data_id,
             "params": [json.dumps(s.params, sort_keys=True, default=str) for s in specs],
         }
         description["fingerprint"] = description_fingerprint(description)
