@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 from fastadv.data import DataError, as_source, check_batch, split_data_args
 from fastadv.engine import model_device, model_guard

@@ -21,6 +21,8 @@ from fastadv.data import DataError, as_source
 from fastadv.evaluate import EvaluationError, evaluate
 from fastadv.models import SmallCNN
 from fastadv.train import TrainConfig, fit
+from test_cli import cnn_ckpt, fails, run  # noqa: F401  (cnn_ckpt: a fixture)
+from test_train_resume import run_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.2
@@ -49,20 +51,6 @@ class Stream(torch.utils.data.IterableDataset):
 def test_set(digits):
     _, (x, y) = digits
     return x[:150], y[:150]
-
-
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def fails(capsys, *argv, match):
-    rc, out, err = run(capsys, *argv)
-    assert rc == 1, f"expected failure, got {rc}: {out}{err}"
-    assert match in err, err
-    assert "Traceback" not in err
-    return err
 
 
 def write_folder(root, x, y, rgb=False):
@@ -204,13 +192,6 @@ dist.destroy_process_group()
 
 # -- the command line: folders, CIFAR, memory maps ------------------------------------------------
 
-@pytest.fixture
-def cnn_ckpt(tmp_path, trained_models):
-    path = tmp_path / "cnn.pt"
-    torch.save(trained_models["cnn"].state_dict(), path)
-    return path
-
-
 def report_of(capsys, *argv, tmp_path, name):
     path = tmp_path / f"{name}.json"
     rc, _, err = run(capsys, "eval", *argv, "--attack", "fgsm,pgd-3", "--eps", EPS, "--batch-size", "32",
@@ -327,13 +308,6 @@ def test_mixed_image_sizes_with_resize_and_crop(tmp_path):
 
 # -- resuming a streamed run -----------------------------------------------------------------------
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
-
-
 def _steps_done(path):
     try:
         s = torch.load(path, weights_only=True)
@@ -350,7 +324,7 @@ def test_sigkilled_streamed_run_resumes_bit_exact_and_refuses_other_data(tmp_pat
            "--eps", str(EPS), "--batch-size", "32", "--epochs", "2", "--save-every", "1", "--state", "run.state",
            "--out", "model.pt", "--quiet"]  # 4 steps per epoch
     state = tmp_path / "run.state"
-    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=run_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     try:
         while _steps_done(state) < 5 and proc.poll() is None:
@@ -362,7 +336,7 @@ def test_sigkilled_streamed_run_resumes_bit_exact_and_refuses_other_data(tmp_pat
     assert proc.returncode == -signal.SIGKILL, f"the run finished before it could be killed: {err[-2000:]}"
     killed_at = _steps_done(state)
     assert 5 <= killed_at < 8, killed_at  # mid-epoch, in the second epoch
-    done = subprocess.run([c for c in cmd if c != "--quiet"], env=_env(), cwd=tmp_path, capture_output=True,
+    done = subprocess.run([c for c in cmd if c != "--quiet"], env=run_env(), cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from run.state: epoch 2, step {killed_at % 4}" in done.stderr
