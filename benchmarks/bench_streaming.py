@@ -90,7 +90,7 @@ def _env(tree=None):
 
 def memory(args):
     rows = []
-    versions = [("this", None, [["--workers", str(w)] for w in args.workers])]
+    versions = [] if args.baseline_only else [("this", None, [["--workers", str(w)] for w in args.workers])]
     if args.baseline_tree:
         versions.insert(0, (args.baseline_name, args.baseline_tree, [[]]))
     for folder in args.folder:
@@ -113,6 +113,7 @@ def memory(args):
                                "argv": " ".join(["fastadv", *argv]).replace(tmp, "TMP")}
                         print(json.dumps(row), flush=True)
                         rows.append(row)
+                        write([row])
     return rows
 
 
@@ -146,18 +147,26 @@ def throughput(args):
                    "argv": " ".join(["fastadv", *argv]).replace(tmp, "TMP")}
             print(json.dumps(row), flush=True)
             rows.append(row)
+            write([row])
     return rows
 
 
+def _key(row):
+    return tuple(row.get(k) for k in ("case", "code", "command", "images", "workers"))
+
+
 def write(rows):
+    """Adds rows to the results (replacing earlier rows of the same case, code, command,
+    images and workers); several runs of this script may add to one file."""
     import torch
 
     env = results.environment(torch.device("cpu"))
     env["load_average_1m_5m_15m"] = [round(v, 2) for v in os.getloadavg()]
     path = RESULTS.with_suffix(".json")
     old = json.loads(path.read_text())["rows"] if path.exists() else []
-    kinds = {r["case"] for r in rows}
-    rows = [r for r in old if r["case"] not in kinds] + [{**r, **env} for r in rows]
+    new = {_key(r) for r in rows}
+    rows = sorted([r for r in old if _key(r) not in new] + [{**r, **env} for r in rows],
+                  key=lambda r: [str(v) for v in _key(r)])
     path.write_text(json.dumps({"schema": 1, "rows": rows}, indent=1) + "\n")
     lines = ["# Streaming data: peak memory and throughput (CPU)", "",
              "Written by `python -m benchmarks.bench_streaming` (see its docstring for the method).", ""]
@@ -189,8 +198,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, nargs="+", default=[0])
     p.add_argument("--baseline-tree", help="an exported tree of the code to compare with (PYTHONPATH)")
     p.add_argument("--baseline-name", default="baseline")
+    p.add_argument("--baseline-only", action="store_true", help="measure only the baseline tree")
     args = p.parse_args(argv)
-    write(memory(args) if args.case == "memory" else throughput(args))
+    memory(args) if args.case == "memory" else throughput(args)
 
 
 if __name__ == "__main__":
