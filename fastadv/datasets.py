@@ -1,20 +1,27 @@
 """Data sets, models and checkpoints for the command line, with clear errors.
 
-Data (``load_data``):
+Data (``open_data``: a fastadv.data source; ``load_data``: tensors):
 - ``digits``: scikit-learn's bundled 8x8 digits (fastadv.data.load_digits), its
-  fixed train or test split;
+  fixed train or test split (in memory);
 - a folder of images in class sub-folders (``root/<class>/<image>``, classes in
-  sorted order -> labels 0..K-1), read with Pillow (which matplotlib requires, so
-  it is there wherever matplotlib is); all images must have the same size;
-  grayscale stays 1 channel, anything else becomes RGB;
+  sorted order -> labels 0..K-1), streamed: only the file list is in memory and
+  images are decoded with Pillow when read, in DataLoader workers; all images must
+  have the same size after the optional resize (shorter side) and central crop;
+  grayscale stays 1 channel, anything else becomes RGB; unreadable images stop the
+  run naming the file, or are skipped (counted) with skip_bad;
+- CIFAR-10/100 in its python-pickle layout (only numpy arrays are unpickled); images
+  stay uint8 in memory;
+- a ``.npy`` file of images (a memory map) with a ``.npy`` file of labels;
 - a ``.npz`` or ``.pt`` file holding images and labels (keys ``x``/``images`` and
-  ``y``/``labels``, or a (images, labels) tuple for .pt); uint8 images are divided
-  by 255, float images must lie in [0, 1]; [N, H, W] gets a channel axis and
-  channels-last [N, H, W, C] (C in 1, 3, 4) is moved to [N, C, H, W].
+  ``y``/``labels``, or a (images, labels) tuple for .pt), in memory; uint8 images
+  are divided by 255, float images must lie in [0, 1]; [N, H, W] gets a channel
+  axis and channels-last [N, H, W, C] (C in 1, 3, 4) is moved to [N, C, H, W].
 
 Models (``build_model``): the default is fastadv.models:SmallCNN sized from the data;
 ``package.module:factory`` is any importable callable returning an nn.Module,
-called with the keyword arguments given as JSON.
+called with the keyword arguments given as JSON; ``torchvision:NAME``, ``timm:NAME``
+and ``robustbench:NAME`` build those packages' models when they are installed, never
+downloading weights. ``Normalized`` applies --mean/--std inside the model.
 """
 import functools
 import hashlib
