@@ -11,13 +11,18 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
+    if name in ("fit", "evaluate"):  # fastadv.fit(model, data, cfg), fastadv.evaluate(model, data, attacks, eps=...)
+        from fastadv.train import fit
+        import fastadv.evaluate as evaluate  # a callable module: calling it calls evaluate.evaluate
+
+        return {"fit": fit, "evaluate": evaluate}[name]
     if name in REGISTRY:
         return resolve(name, REGISTRY)
     raise AttributeError(f"module 'fastadv' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *REGISTRY])
+    return sorted([*globals(), *REGISTRY, "fit", "evaluate"])
 
 
-__all__ = ["Attack", "functional", "__version__", *REGISTRY]
+__all__ = ["Attack", "functional", "__version__", "fit", "evaluate", *REGISTRY]

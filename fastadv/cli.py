@@ -33,10 +33,11 @@ import time
 import torch
 
 from fastadv import datasets
-from fastadv.evaluate import ATTACKS, EvaluationError, atomic_write_text, attack_spec, parse_attack_list
+from fastadv.evaluate import ATTACKS, EvaluationError, attack_spec, parse_attack_list
+from fastadv.runstate import StateFileError, atomic_write_text
 from fastadv.train import METHODS
 
-USER_ERRORS = (EvaluationError, datasets.DataError, datasets.ModelError)
+USER_ERRORS = (EvaluationError, StateFileError, datasets.DataError, datasets.ModelError)
 
 
 class CLIError(ValueError):
@@ -101,11 +102,12 @@ def _distinct(**paths):
         seen[key] = flag
 
 
-def _probe_classes(model, x, device):
+def _probe_classes(model, source, device):
     from fastadv.engine import model_guard
 
+    x, _ = next(iter(source.batches([range(min(2, len(source)))])))
     with torch.no_grad(), model_guard(model):
-        out = model(x[:2].to(device))
+        out = model(x.to(device))
     if out.dim() != 2:
         raise datasets.ModelError(f"the model must return logits [N, C], got shape {tuple(out.shape)}")
     return out.shape[1]
@@ -118,7 +120,18 @@ def _check_labels(y, n_classes, data):
                                  f"(valid labels 0..{n_classes - 1})")
 
 
-def _model_for(args, x, y, meta=None, state_dict=None):
+def _open_data(args, split):
+    """The data of --data and its options: in memory or streamed (see fastadv.datasets.open_data)."""
+    return datasets.open_data(args.data, split, args.limit, labels=args.labels, resize=args.resize, crop=args.crop,
+                              skip_bad=args.skip_bad, workers=args.workers, log=lambda m: _print(m, args.quiet))
+
+
+def _image_shape(source):
+    x, _ = next(iter(source.batches([[0]])))
+    return tuple(x.shape[1:])
+
+
+def _model_for(args, source, meta=None, state_dict=None):
     """(model, spec, kwargs): --model, else the checkpoint's model, else SmallCNN sized from the data."""
     meta = meta or {}
     user_args = datasets.parse_model_args(args.model_args)
@@ -128,12 +141,25 @@ def _model_for(args, x, y, meta=None, state_dict=None):
         spec, kwargs = meta["model"], {**meta.get("model_args", {}), **user_args}
     else:
         spec = datasets.DEFAULT_MODEL
-        kwargs = datasets.default_model_args(x, y)
+        kwargs = datasets.default_model_args(_image_shape(source), source.labels)
         head = (state_dict or {}).get("head.weight")
         if isinstance(head, torch.Tensor) and head.dim() == 2:  # a plain SmallCNN state dict
             kwargs["n_classes"] = head.shape[0]
         kwargs.update(user_args)
-    return datasets.build_model(spec, kwargs), spec, kwargs
+    return datasets.build_model(spec, kwargs, args.model_dir), spec, kwargs
+
+
+def _normalization(args, meta=None):
+    """{'mean': [...], 'std': [...]} from --mean/--std, else the checkpoint's, else None."""
+    if (args.mean is None) != (args.std is None):
+        raise CLIError("--mean and --std go together")
+    if args.mean is not None:
+        return {"mean": args.mean, "std": args.std}
+    return (meta or {}).get("normalize")
+
+
+def _with_normalization(model, norm):
+    return model if norm is None else datasets.Normalized(model, norm["mean"], norm["std"])
 
 
 def _print(msg, quiet=False):
@@ -182,38 +208,41 @@ def _train(args):
     except ValueError as e:
         raise CLIError(str(e)) from None
     device = _device(args.device)
-    x, y, _ = datasets.load_data(args.data, args.split or "train", args.limit)
+    norm = _normalization(args)
+    source = _open_data(args, args.split or "train")
     held_out = datasets.load_data("digits", "test") if args.data == "digits" and (args.split or "train") == "train" else None
     with distributed(device):
         torch.manual_seed(args.seed)  # the same initial model on every run: --state checks it before resuming
-        model, spec, kwargs = _model_for(args, x, y)
+        model, spec, kwargs = _model_for(args, source)
         model.to(device)
-        _check_labels(y, _probe_classes(model, x, device), args.data)
-        net = model
+        classifier = _with_normalization(model, norm)  # what fit trains and attacks: inputs in [0, 1]
+        _check_labels(source.labels, _probe_classes(classifier, source, device), args.data)
+        net = classifier
         if torch.distributed.is_initialized():
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            net = torch.nn.parallel.DistributedDataParallel(classifier, device_ids=[device] if device.type == "cuda" else None)
         if args.compile:
             net = torch.compile(net)
         torch.manual_seed(args.seed + 1 + _rank())  # attack noise: independent across ranks
         t0 = time.perf_counter()
-        history = fit(net, x, y, cfg, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+        history = fit(net, source, cfg, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
                       progress=not args.quiet, state_path=args.state, save_every=args.save_every,
                       log=lambda m: _print(m, args.quiet))
         seconds = time.perf_counter() - t0  # model: the bare module inside any DDP / compile wrapper
         result = {
-            "method": args.method, "config": cfg.to_dict(), "data": args.data, "n_train": len(y),
+            "method": args.method, "config": cfg.to_dict(), "data": args.data, "n_train": len(source),
             "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
             "seed": args.seed, "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
             "model": spec, "model_args": kwargs, "history": history, "seconds": seconds,
-            "train_accuracy": accuracy(model, x, y),
+            "workers": args.workers, "normalize": norm,
+            "train_accuracy": accuracy(classifier, source),
         }
         if held_out is not None:
-            result["test_accuracy"] = accuracy(model, held_out[0], held_out[1])
+            result["test_accuracy"] = accuracy(classifier, held_out[0], held_out[1])
         if _rank() == 0:
             _check_output(args.out, args.overwrite, "--out")
             datasets.write_checkpoint(args.out, model, model_spec=spec, model_args=kwargs, method=args.method,
-                                      eps=args.eps, train=json.loads(json.dumps(result, default=str)))
+                                      eps=args.eps, normalize=norm, train=json.loads(json.dumps(result, default=str)))
             if args.report:
                 atomic_write_text(json.dumps(result, indent=2, default=str) + "\n", args.report)
             print(train_markdown(result, args.out))
@@ -224,8 +253,10 @@ def train_markdown(r, out):
     lines = [f"### Training: {r['method']} on {r['data']}", "",
              f"{r['n_train']} samples, {r['epochs']} epochs, batch {r['batch_size']}, {r['optimizer']} lr {r['lr']}, "
              f"world size {r['world_size']}, {r['seconds']:.1f} s", "",
-             "| epoch | loss | seconds |", "|---:|---:|---:|"]
-    lines += [f"| {h['epoch']} | {h['loss']:.4f} | {h['seconds']:.2f} |" for h in r["history"]]
+             "| epoch | loss | seconds | images/s |", "|---:|---:|---:|---:|"]
+    lines += [f"| {h['epoch']} | {h['loss']:.4f} | {h['seconds']:.2f} | "
+              f"{h['images'] / h['seconds'] if h.get('images') and h['seconds'] > 0 else float('nan'):.0f} |"
+              for h in r["history"]]
     lines += ["", f"clean accuracy: train {100 * r['train_accuracy']:.2f}%"
               + (f", test {100 * r['test_accuracy']:.2f}%" if "test_accuracy" in r else ""), "", f"checkpoint: {out}"]
     return "\n".join(lines)
@@ -247,16 +278,22 @@ def cmd_eval(args):
     _distinct(report=args.report, state=args.state, checkpoint=args.checkpoint)
     plot_paths = _plot_paths(args.plots, args.overwrite)
     device = _device(args.device)
-    x, y, _ = datasets.load_data(args.data, args.split or "test", args.limit)
-    state_dict, meta = datasets.read_checkpoint(args.checkpoint)
+    weights_in_model_dir = (args.model or "").startswith("robustbench:")
+    if args.checkpoint is None and not weights_in_model_dir:
+        raise CLIError("--checkpoint is required (the weights to evaluate), except for --model robustbench:NAME")
+    source = _open_data(args, args.split or "test")
+    state_dict, meta = datasets.read_checkpoint(args.checkpoint) if args.checkpoint else ({}, {})
+    norm = _normalization(args, meta)
     with distributed(device):
-        model, spec, _ = _model_for(args, x, y, meta, state_dict)
-        datasets.load_weights(model, state_dict, args.checkpoint, spec)
-        model.to(device).eval()
-        _check_labels(y, _probe_classes(model, x, device), args.data)
-        report = evaluate(model, x, y, specs, eps=args.eps, batch_size=args.batch_size, state_path=args.state,
+        model, spec, _ = _model_for(args, source, meta, state_dict)
+        if args.checkpoint:
+            datasets.load_weights(model, state_dict, args.checkpoint, spec)
+        model = _with_normalization(model, norm).to(device).eval()
+        _check_labels(source.labels, _probe_classes(model, source, device), args.data)
+        report = evaluate(model, source, specs, eps=args.eps, batch_size=args.batch_size, state_path=args.state,
                           seed=args.seed, progress=not args.quiet, log=lambda m: _print(m, args.quiet))
-        report.update({"data": args.data, "checkpoint": args.checkpoint, "model": spec,
+        report.update({"data": args.data, "checkpoint": args.checkpoint, "model": spec, "normalize": norm,
+                       "workers": args.workers,
                        "state": args.state, "device": str(device), "torch": torch.__version__})
         if _rank() == 0:
             if args.report:
@@ -264,7 +301,7 @@ def cmd_eval(args):
                 atomic_write_text(to_json(report) + "\n", args.report)
             print(to_markdown(report, title=f"Robust accuracy of {args.checkpoint} on {args.data}"))
         if plot_paths:
-            _eval_plots(model, x, y, names, args, plot_paths, report)
+            _eval_plots(model, source, names, args, plot_paths, report)
     return 0
 
 
@@ -283,13 +320,14 @@ def _plot_paths(folder, overwrite):
     return paths
 
 
-def _eval_plots(model, x, y, names, args, paths, report):
+def _eval_plots(model, source, names, args, paths, report):
     """Robust accuracy versus eps (every attack alone) and a grid of adversarial examples."""
     from fastadv import plots
 
     _print(f"plots: robust accuracy of {', '.join(names)} at eps {plots.eps_grid(args.eps)}", args.quiet)
-    curve = plots.robust_curve(model, x, y, names, args.eps, batch_size=args.batch_size, seed=args.seed)
+    curve = plots.robust_curve(model, source, None, names, args.eps, batch_size=args.batch_size, seed=args.seed)
     if _rank() == 0:
+        x, y = next(iter(source.batches([range(min(6, len(source)))])))
         plots.plot_robust_curve(curve, paths["curve"], title=f"Robust accuracy versus eps ({args.data})")
         clean, adv, p_clean, p_adv, name = plots.adversarial_examples(model, x, y, names[0], args.eps, seed=args.seed)
         plots.plot_examples(clean, adv, y[:len(clean)], p_clean, p_adv, args.eps, paths["examples"], name=name)
@@ -376,10 +414,23 @@ def cmd_bench(args):
 
 def _common(p):
     p.add_argument("--data", default="digits",
-                   help="'digits' (embedded), a folder of images in class sub-folders, or a .npz/.pt file (default: digits)")
-    p.add_argument("--split", choices=["train", "test"], help="digits split (default: train for train, test for eval)")
+                   help="'digits' (embedded), a folder of images in class sub-folders (streamed), a CIFAR-10/100 "
+                        "python folder, images.npy (a memory map; with --labels), or a .npz/.pt file (default: digits)")
+    p.add_argument("--labels", help="the labels (.npy) of --data IMAGES.npy")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="DataLoader worker processes decoding streamed data (default: 0, in the main process)")
+    p.add_argument("--resize", type=int, metavar="S", help="folders: resize each image's shorter side to S pixels")
+    p.add_argument("--crop", type=int, metavar="C", help="folders: the central C x C crop (after --resize)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="folders: skip unreadable images (reported) instead of stopping at the first")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean the model's inputs are normalized with "
+                   "(inside the model: attacks still see [0, 1] images); with --std")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std for --mean")
+    p.add_argument("--model-dir", help="robustbench:NAME's weights folder (DIR/<dataset>/<threat model>/NAME.pt)")
+    p.add_argument("--split", choices=["train", "test"], help="digits or CIFAR split (default: train for train, test for eval)")
     p.add_argument("--limit", type=int, help="use only the first N samples")
-    p.add_argument("--model", help="package.module:factory returning an nn.Module (default: fastadv.models:SmallCNN)")
+    p.add_argument("--model", help="package.module:factory returning an nn.Module, torchvision:NAME, timm:NAME or "
+                   "robustbench:NAME (when installed; nothing is downloaded) (default: fastadv.models:SmallCNN)")
     p.add_argument("--model-args", help="JSON keyword arguments for the model factory")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -419,7 +470,7 @@ def build_parser():
     e = sub.add_parser("eval", help="robust accuracy under a cascade of attacks",
                        description="Robust accuracy under a cascade of attacks; resumable with --state.")
     _common(e)
-    e.add_argument("--checkpoint", required=True, help="fastadv checkpoint or a state dict (.pt)")
+    e.add_argument("--checkpoint", help="fastadv checkpoint or a state dict (.pt); required except for robustbench:NAME")
     e.add_argument("--attack", action="append", required=True,
                    help=f"attack name(s), repeatable or comma separated: {', '.join(ATTACKS)}; "
                         "iterative ones take -N steps, e.g. pgd-50")

@@ -33,13 +33,18 @@ import os
 import re
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
+from fastadv.data import DataError, as_source, check_batch, split_data_args
 from fastadv.engine import model_device, model_guard
+from fastadv.runstate import (  # noqa: F401  (atomic_*, data_digest, progress_bar: imported from here by callers)
+    StateFileError, atomic_save, atomic_write_text, attack_view, broadcast_object, comm_device, data_digest,
+    description_fingerprint, dist_info,
+    model_digest, progress_bar, read_state_file, tensor_digest)
 
 STATE_FORMAT = "fastadv-eval-state"
 STATE_VERSION = 1
@@ -51,10 +56,6 @@ class EvaluationError(ValueError):
 
 class AttackUnavailable(EvaluationError):
     """A known attack name whose fastadv implementation is not in this build."""
-
-
-class StateFileError(EvaluationError):
-    """A state file that belongs to another evaluation, or is corrupt or truncated."""
 
 
 # -- attacks by name -----------------------------------------------------------------------
@@ -163,75 +164,13 @@ def parse_attack_list(values):
     return names
 
 
-# -- fingerprints and the state file ------------------------------------------------------
-
-def tensor_digest(h, t: torch.Tensor):
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def model_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        tensor_digest(h, t)
-    return h.hexdigest()
-
-
-def data_digest(x, y) -> str:
-    h = hashlib.sha256()
-    tensor_digest(h, x)
-    tensor_digest(h, y)
-    return h.hexdigest()
-
+# -- the state file ---------------------------------------------------------------------
 
 def _checksum(fingerprint: str, flags: torch.Tensor, done: torch.Tensor) -> str:
     h = hashlib.sha256(fingerprint.encode())
     tensor_digest(h, flags)
     tensor_digest(h, done)
     return h.hexdigest()
-
-
-def atomic_save(obj, path):
-    """torch.save to path.partial, fsync, then os.replace: path holds the old or the new
-    content, never a partial one."""
-    path = os.fspath(path)
-    tmp = path + ".partial"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text, path):
-    path = os.fspath(path)
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_state_file(path, fmt: str, version: int, what: str, error=None):
-    """A state file's dict, loaded with weights_only (no code runs) and checked for its
-    format tag and version; returns (state, hint). Raises error (StateFileError by
-    default) and leaves the file as it is otherwise."""
-    error = error or StateFileError
-    path = os.fspath(path)
-    hint = f"delete {path} to start over, or pass another state file"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage, empty file, ...
-        raise error(f"{what} {path} is corrupt or truncated and cannot be read "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        raise error(f"{path} is not a fastadv {what}; {hint}")
-    if state.get("version") != version:
-        raise error(f"{what} {path} has version {state.get('version')!r}, this fastadv reads {version}; {hint}")
-    return state, hint
 
 
 def load_state(path, description: dict, n_units: int, n_samples: int, n_batches: int):
@@ -258,53 +197,6 @@ def load_state(path, description: dict, n_units: int, n_samples: int, n_batches:
         raise StateFileError(f"state file {path} has flags {tuple(flags.shape)} and done {tuple(done.shape)}, expected "
                              f"{(n_units, n_samples)} and {(n_units, n_batches)}; {hint}")
     return flags, done
-
-
-# -- distributed helpers ---------------------------------------------------------------------
-
-def dist_info():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _comm_device(model_dev):
-    import torch.distributed as dist
-
-    return model_dev if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _broadcast_object(obj, src=0):
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_description(self, desc):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress_bar(total, enabled=True, **kwargs):
-    """A tqdm bar on stderr when enabled (and tqdm is installed), else a silent stand-in."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, **kwargs)
-        except ImportError:  # pragma: no cover
-            pass
-    return _NoBar()
 
 
 def _unit_seed(seed, k, b):
@@ -336,58 +228,82 @@ def _still_correct(model, attack, spec, x, y, eps, device):
         return (model(adv).argmax(1) == y).cpu()
 
 
-def evaluate(model, x, y, attacks, *, eps, batch_size=128, state_path=None, seed=0, progress=False, log=None):
-    """Robust accuracy of model on (x, y) under the cascade of attacks; returns a report dict.
+def evaluate(model, data, *args, eps, batch_size=None, state_path=None, seed=0, progress=False, log=None):
+    """Robust accuracy of model on data under the cascade of attacks; returns a report dict.
 
-    model: classifier on inputs in [0, 1] returning logits; it is evaluated in eval
-    mode (restored after) on its own device. x, y: the whole dataset (CPU tensors
-    are fine; batches move to the model's device). attacks: names (see ATTACKS) or
-    AttackSpec objects. eps: the budget in each attack's norm. state_path: the
-    resumable state file (created, resumed, or refused; see the module docs).
-    Under torch.distributed every rank passes the same arguments and gets the same
-    report; only rank 0 writes the state file.
+    ``evaluate(model, data, attacks, eps=...)``, data a DataLoader, a map-style Dataset
+    or an (images, labels) pair (see fastadv.data); today's ``evaluate(model, x, y,
+    attacks, eps=...)`` works as well. model: classifier on inputs in [0, 1] returning
+    logits; it is evaluated in eval mode (restored after) on its own device; batches
+    move there. attacks: names (see ATTACKS) or AttackSpec objects. eps: the budget in
+    each attack's norm. batch_size: the work unit (default: a DataLoader's batch size,
+    else 128); the same batch size gives the same numbers for any form of the same
+    data. state_path: the resumable state file (created, resumed, or refused; see the
+    module docs). Under torch.distributed every rank passes the same arguments, reads
+    only the batches dealt to it and gets the same report; only rank 0 writes the
+    state file. A streamed batch with images outside [0, 1] or labels outside the
+    model's classes raises EvaluationError naming the batch.
     """
-    specs = [attack_spec(a) for a in attacks]
+    data, args = split_data_args(data, args, "evaluate")
+    if len(args) != 1:
+        raise TypeError("evaluate(model, data, attacks, *, eps, ...) takes the attack list after the data")
+    specs = [attack_spec(a) for a in args[0]]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise EvaluationError(f"attack list has duplicates: {names}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise EvaluationError(f"eps must be a finite number >= 0, got {eps!r}")
+    try:
+        source = as_source(data, "evaluate's data")
+    except DataError as e:
+        raise EvaluationError(str(e)) from None
+    batch_size = batch_size or source.batch_size or 128
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise EvaluationError("x must be a float tensor [N, ...] of images in [0, 1]")
-    if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != (len(x),):
-        raise EvaluationError(f"y must be a long tensor of shape [{len(x)}]")
-    if len(y) == 0:
+    if not source.streamed:
+        _check_tensors(source.x, source.y)
+    n, n_units = len(source), len(specs) + 1
+    if n == 0:
         raise EvaluationError("the dataset is empty")
-    if x.min().item() < 0 or x.max().item() > 1:
-        raise EvaluationError(f"images must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
-    from fastadv.train import attack_view
-
     model = attack_view(model)  # a DDP-wrapped model is attacked through its module
     rank, world = dist_info()
-    device = model_device(model, x.device)
-    n, n_units = len(y), len(specs) + 1
+    device = model_device(model, source.x.device if not source.streamed else torch.device("cpu"))
     n_batches = math.ceil(n / batch_size)
     log = log or (lambda msg: None)
 
+    def read(index_lists, n_classes, k):
+        """This rank's batches of unit k, checked (a streamed batch is validated as it arrives)."""
+        for idx, (xb, yb) in zip(index_lists, source.batches(index_lists)):
+            if source.streamed:
+                where = f"batch of samples {int(idx[0])}..{int(idx[-1])} ({'clean pass' if k == 0 else specs[k - 1].name})"
+                check_batch(xb, yb, n_classes, where, EvaluationError)
+            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True).long()
+
     with model_guard(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        first_x, first_y = next(iter(source.batches([[0]])))
+        if source.streamed:
+            check_batch(first_x, first_y, None, "the first sample", EvaluationError)
         with torch.no_grad():
-            probe = model(x[:1].to(device))
+            probe = model(first_x.to(device))
         if probe.dim() != 2:
             raise EvaluationError(f"the model must return logits [N, C], got shape {tuple(probe.shape)}")
         n_classes = probe.shape[1]
-        lo, hi = y.min().item(), y.max().item()
-        if lo < 0 or hi >= n_classes:
-            raise EvaluationError(f"labels must lie in [0, {n_classes - 1}] for a model with {n_classes} classes, "
-                                  f"got labels in [{lo}, {hi}]")
+        if not source.streamed:
+            lo, hi = source.y.min().item(), source.y.max().item()
+            if lo < 0 or hi >= n_classes:
+                raise EvaluationError(f"labels must lie in [0, {n_classes - 1}] for a model with {n_classes} classes, "
+                                      f"got labels in [{lo}, {hi}]")
+        # rank 0 identifies the data (a dataset without its own fingerprint is read whole,
+        # and only when there is a state file to check); the other ranks read only their shards
+        data_id = source.identity(read=state_path is not None) if rank == 0 else None
+        if world > 1:
+            data_id = broadcast_object(data_id)
         description = {
             "attacks": names, "eps": float(eps), "batch_size": int(batch_size), "seed": int(seed), "n": int(n),
-            "model_sha256": model_digest(model), "data_sha256": data_digest(x, y),
+            "model_sha256": model_digest(model), "data_sha256": data_id,
             "params": [json.dumps(s.params, sort_keys=True, default=str) for s in specs],
         }
-        description["fingerprint"] = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+        description["fingerprint"] = description_fingerprint(description)
         fingerprint = description["fingerprint"]
 
         loaded = None
@@ -397,7 +313,7 @@ def evaluate(model, x, y, attacks, *, eps, batch_size=128, state_path=None, seed
             except StateFileError as e:
                 loaded = e
         if world > 1:
-            loaded = _broadcast_object(loaded)
+            loaded = broadcast_object(loaded)
         if isinstance(loaded, StateFileError):
             raise loaded
         resumed = loaded is not None
@@ -419,29 +335,41 @@ def evaluate(model, x, y, attacks, *, eps, batch_size=128, state_path=None, seed
         seconds = [0.0] * n_units
         total_rounds = sum(math.ceil(int((~done[k]).sum()) / world) for k in range(n_units))
         bar = progress_bar(total_rounds, enabled=progress and rank == 0, desc="eval", unit="batch")
+        t_start, images = time.perf_counter(), 0
         for k in range(n_units):
             spec = specs[k - 1] if k else None
             attack = None
             remaining = [b for b in range(n_batches) if not done[k, b]]
             bar.set_description("clean" if k == 0 else spec.name)
+            mine_all = remaining[rank::world]  # the units this rank works on, one per round
+
+            def todo(b):  # the samples of unit b this attack works on: all (clean pass) or the still robust
+                rows = torch.arange(b * batch_size, min((b + 1) * batch_size, n))
+                return rows if k == 0 else rows[flags[k - 1, rows]]
+
+            work = [(b, todo(b)) for b in mine_all]
+            batches = read([rows for _, rows in work if len(rows)], n_classes, k)
+            work = iter(work)
+            t0 = time.perf_counter()
             for r0 in range(0, len(remaining), world):
                 mine = remaining[r0 + rank] if r0 + rank < len(remaining) else None
-                t0 = time.perf_counter()
                 result = None
                 if mine is not None:
-                    rows = slice(mine * batch_size, min((mine + 1) * batch_size, n))
+                    b, rows = next(work)
+                    lo = b * batch_size
                     if k == 0:
+                        xb, yb = next(batches)
                         with torch.no_grad():
-                            result = (model(x[rows].to(device)).argmax(1) == y[rows].to(device)).cpu()
+                            result = (model(xb).argmax(1) == yb).cpu()
                     else:
-                        result = flags[k - 1, rows].clone()
-                        if result.any():
+                        result = flags[k - 1, lo:min(lo + batch_size, n)].clone()
+                        if len(rows):
+                            xb, yb = next(batches)
                             if attack is None:
                                 attack = spec.build(model, eps, n_classes)
                             torch.manual_seed(_unit_seed(seed, k, mine))
-                            result[result.clone()] = _still_correct(model, attack, spec, x[rows][result], y[rows][result],
-                                                                    eps, device)
-                seconds[k] += time.perf_counter() - t0
+                            result[result.clone()] = _still_correct(model, attack, spec, xb, yb, eps, device)
+                    images += len(rows)
                 batch_ids = [mine]
                 results = [result]
                 if world > 1:
@@ -453,7 +381,10 @@ def evaluate(model, x, y, attacks, *, eps, batch_size=128, state_path=None, seed
                     done[k, b] = True
                 save()
                 bar.update(1)
+                bar.set_postfix_str(f"{images / max(time.perf_counter() - t_start, 1e-9):.0f} img/s")
+            seconds[k] += time.perf_counter() - t0
         bar.close()
+        wall = time.perf_counter() - t_start
 
     counts = flags.sum(1).tolist()
     report = {
@@ -466,24 +397,39 @@ def evaluate(model, x, y, attacks, *, eps, batch_size=128, state_path=None, seed
             for k, s in enumerate(specs)
         ],
         "robust": counts[-1], "robust_accuracy": counts[-1] / n,
+        "seconds": wall, "images_per_second": n / wall if wall > 0 else None,
     }
     if world > 1:  # seconds are per process; report the slowest rank
-        t = torch.tensor(seconds, dtype=torch.float64, device=_comm_device(device))
+        t = torch.tensor([*seconds, wall], dtype=torch.float64, device=comm_device(device))
         import torch.distributed as dist
 
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         report["clean"]["seconds"] = t[0].item()
         for k, a in enumerate(report["attacks"]):
             a["seconds"] = t[k + 1].item()
+        report["seconds"] = t[-1].item()
+        report["images_per_second"] = n / report["seconds"] if report["seconds"] > 0 else None
     report["robust_flags"] = flags[-1]
     return report
+
+
+def _check_tensors(x, y):
+    """The whole (images, labels) pair at once, before any work."""
+    if not x.is_floating_point() or x.dim() < 2:
+        raise EvaluationError("x must be a float tensor [N, ...] of images in [0, 1]")
+    if y.dtype != torch.long or y.shape != (len(x),):
+        raise EvaluationError(f"y must be a long tensor of shape [{len(x)}]")
+    if len(y) == 0:
+        raise EvaluationError("the dataset is empty")
+    if x.min().item() < 0 or x.max().item() > 1:
+        raise EvaluationError(f"images must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
 
 
 def _gather_round(mine, result, batch_size, device):
     """All ranks' (batch index, flags) of one round."""
     import torch.distributed as dist
 
-    comm = _comm_device(device)
+    comm = comm_device(device)
     buf = torch.full((batch_size + 2,), -1, dtype=torch.int64, device=comm)
     if mine is not None:
         buf[0], buf[1] = mine, len(result)
@@ -516,3 +462,14 @@ def to_markdown(report, title="Robust accuracy") -> str:
         lines.append(f"| + {a['name']} | {a['norm']} | {a['robust']}/{n} | {100 * a['robust_accuracy']:.2f}% | {a['seconds']:.1f} |")
     lines += ["", f"**Robust accuracy: {100 * report['robust_accuracy']:.2f}%** ({report['robust']}/{n})"]
     return "\n".join(lines)
+
+
+class _CallableModule(types.ModuleType):
+    """``fastadv.evaluate`` is this module (``from fastadv.evaluate import ...`` keeps
+    working) and also the function: ``fastadv.evaluate(model, data, attacks, eps=...)``."""
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

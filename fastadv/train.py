@@ -57,30 +57,15 @@ import torch.nn.functional as F
 
 from fastadv.attacks.pgd import pgd_loop
 from fastadv.attacks.tpgd import tpgd_loop
+from fastadv.data import as_source, check_batch, split_data_args
 from fastadv.engine import EngineOptions, autocast_dtype, model_device, model_guard
-from fastadv.evaluate import (StateFileError, atomic_save, data_digest, model_digest, progress_bar, read_state_file,
-                              tensor_digest)
+from fastadv.runstate import (StateFileError, atomic_save, attack_view, description_fingerprint, dist_info,
+                              model_digest, progress_bar, read_state_file, structure_digest)
 
 METHODS = ("plain", "pgd", "trades", "fgsm-rs", "free")
 
 
 # -- model views and contexts ---------------------------------------------------------------
-
-def _is_ddp(model) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-def attack_view(model: nn.Module) -> nn.Module:
-    """The module an attack runs on: the module inside DistributedDataParallel, so that
-    the attack's passes never touch DDP's reducer; otherwise the model itself (a
-    torch.compile'd model stays compiled, unless it compiles a DDP wrapper)."""
-    if _is_ddp(model):
-        return model.module
-    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-    if inner is not None and _is_ddp(inner):
-        return inner.module
-    return model
-
 
 @contextlib.contextmanager
 def crafting(model: nn.Module, *, bn_training: bool = False):
@@ -219,7 +204,7 @@ class Trainer:
     def step(self, x, y, n_global=None):
         """Train on the local batch (x, y); n_global is the global batch size under DDP
         (default: this batch's size). Returns the loss as a 0-dim tensor (no host sync)."""
-        scale = _world() / n_global if n_global else 1.0 / max(len(y), 1)
+        scale = dist_info()[1] / n_global if n_global else 1.0 / max(len(y), 1)
         if self.cfg.method == "free":
             return self._free_step(x, y, scale)
         x_adv = craft(self.model, x, y, self.cfg)
@@ -262,18 +247,6 @@ class Trainer:
 
 # -- helpers of the reference trainer --------------------------------------------------------
 
-def _world():
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank():
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def make_optimizer(model, name="adam", lr=1e-2, weight_decay=0.0, momentum=0.9):
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adam":
@@ -299,29 +272,9 @@ class TrainStateError(StateFileError):
     """A training state file that belongs to another run, or is corrupt, truncated or foreign."""
 
 
-def _digest(h, obj):
-    """Feed a nested structure of tensors, dicts, lists and scalars into the hash h."""
-    if isinstance(obj, torch.Tensor):
-        h.update(b"T")
-        tensor_digest(h, obj)
-    elif isinstance(obj, dict):
-        h.update(b"{")
-        for k in sorted(obj, key=repr):
-            _digest(h, k)
-            _digest(h, obj[k])
-        h.update(b"}")
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"[")
-        for v in obj:
-            _digest(h, v)
-        h.update(b"]")
-    else:
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-
-
 def _checksum(state: dict) -> str:
     h = hashlib.sha256()
-    _digest(h, {k: v for k, v in state.items() if k != "checksum"})
+    structure_digest(h, {k: v for k, v in state.items() if k != "checksum"})
     return h.hexdigest()
 
 
@@ -344,7 +297,7 @@ def load_train_state(path, description: dict = None) -> dict:
     return state
 
 
-def _run_description(net, x, y, cfg, opt, optimizer, lr, weight_decay, **run) -> dict:
+def _run_description(net, source, cfg, opt, optimizer, lr, weight_decay, **run) -> dict:
     """What makes two fit calls the same run; its hash is the state's fingerprint."""
     d = {f"config.{k}": v for k, v in cfg.to_dict().items()}
     d.update(run)
@@ -353,11 +306,11 @@ def _run_description(net, x, y, cfg, opt, optimizer, lr, weight_decay, **run) ->
     for key, value in (("lr", lr), ("weight_decay", weight_decay)):
         value = value if named else opt.defaults.get(key)
         d[key] = float(value) if isinstance(value, (int, float)) else value  # 1 and 1.0: the same run
-    d["n"] = len(y)
-    d["data_sha256"] = data_digest(x, y)
+    d["n"] = len(source)
+    d["data_sha256"] = source.identity()  # an (images, labels) pair: the digest of the tensors, as before
     d["model_sha256"] = model_digest(net)  # the initial weights: the same model, built the same way
     d = json.loads(json.dumps(d, default=str))  # as it reads back from the file (tuples -> lists, ...)
-    d["fingerprint"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    d["fingerprint"] = description_fingerprint(d)
     return d
 
 
@@ -546,15 +499,23 @@ def _deferred_sigint(enabled, world=1, device=None):
 
 # -- the reference trainer --------------------------------------------------------------------
 
-def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="adam", lr=1e-2, weight_decay=0.0,
-        schedule="cosine", seed=0, shuffle=True, progress=False, on_epoch=None, state_path=None, save_every=None,
-        log=None):
-    """Train model on (x, y) with cfg's method; returns a list of per-epoch records.
+def fit(model, data, *args, cfg: TrainConfig = None, epochs=10, batch_size=128, optimizer="adam", lr=1e-2,
+        weight_decay=0.0, schedule="cosine", seed=0, shuffle=True, progress=False, on_epoch=None, state_path=None,
+        save_every=None, log=None):
+    """Train model on data with cfg's method; returns a list of per-epoch records.
 
-    Under torch.distributed (model wrapped in DDP by the caller) every rank must pass
-    the same full (x, y): each global batch of batch_size is split into world
-    contiguous shards and rank r trains on shard r; batches smaller than the world
-    are skipped. x and y may live on the CPU; batches move to the model's device.
+    ``fit(model, data, cfg, ...)``, data a DataLoader, a map-style Dataset or an
+    (images, labels) pair (see fastadv.data); today's ``fit(model, x, y, cfg, ...)``
+    works as well. The batches are fit's own: a permutation drawn from (seed, epoch)
+    (a DataLoader gives its dataset and loading options, not its sampler), so they do
+    not depend on the form of the data. Streamed batches are checked as they arrive:
+    images outside [0, 1] or labels outside the model's classes raise DataError
+    naming the batch.
+
+    Under torch.distributed (model wrapped in DDP by the caller) every rank passes
+    the same data: each global batch of batch_size is split into world contiguous
+    shards and rank r reads and trains on shard r only; batches smaller than the
+    world are skipped. Batches move to the model's device.
     schedule: 'cosine' (per step, to zero) or 'constant'.
 
     state_path: the resumable training state (see the module docs): written after
@@ -563,6 +524,12 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
     weights), or raises TrainStateError if it is not this run's. log: a callable for
     one-line messages (resuming).
     """
+    data, args = split_data_args(data, args, "fit")
+    if len(args) > 1 or (args and cfg is not None):
+        raise TypeError("fit(model, data, cfg, *, epochs, ...) takes one TrainConfig after the data")
+    cfg = args[0] if args else cfg
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"fit needs a TrainConfig, got {type(cfg).__name__}")
     if save_every is not None:
         if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
             raise ValueError(f"save_every must be a positive int (training steps), got {save_every!r}")
@@ -570,13 +537,15 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
             raise ValueError("save_every needs a state_path to save to")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {schedule!r}: expected 'cosine' or 'constant'")
+    source = as_source(data, "fit's data")
     device = model_device(attack_view(model), torch.device("cpu"))
     opt = make_optimizer(model, optimizer, lr, weight_decay) if isinstance(optimizer, str) else optimizer
     trainer = Trainer(model, opt, cfg)
-    world, rank = _world(), _rank()
+    rank, world = dist_info()
+    n_classes = _probe_classes(model, source, device) if source.streamed else None
 
     def batches(epoch):
-        return [b for b in global_batches(len(y), batch_size, epoch, seed, shuffle) if len(b) >= world]
+        return [b for b in global_batches(len(source), batch_size, epoch, seed, shuffle) if len(b) >= world]
 
     steps_per_epoch = len(batches(0))
     total_steps = max(epochs * steps_per_epoch, 1)
@@ -589,7 +558,7 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
     if state_path is not None:
         net = attack_view(model)
         net = getattr(net, "_orig_mod", net)  # the bare module: the state does not depend on torch.compile
-        description = _run_description(net, x, y, cfg, opt, optimizer, lr, weight_decay, epochs=epochs,
+        description = _run_description(net, source, cfg, opt, optimizer, lr, weight_decay, epochs=epochs,
                                        batch_size=batch_size, schedule=schedule, seed=seed, shuffle=shuffle, world_size=world)
         ckpt = _Checkpoint(state_path, description, net, trainer, sched, device, world, rank)
         restored = ckpt.restore()
@@ -602,8 +571,9 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
                 log(f"resuming from {state_path}: " + ("finished" if state["finished"] else
                                                       f"epoch {start_epoch + 1}, step {start_step}"))
 
-    bar = progress_bar(epochs, enabled=progress and rank == 0, desc=f"train {cfg.method}", unit="epoch",
-                       initial=min(start_epoch, epochs))
+    done_steps = min(start_epoch, epochs) * steps_per_epoch + (start_step if start_epoch < epochs else 0)
+    bar = progress_bar(epochs * steps_per_epoch, enabled=progress and rank == 0, desc=f"train {cfg.method}",
+                       unit="batch", initial=done_steps)
     with _deferred_sigint(ckpt is not None, world, device) as stop:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
@@ -611,12 +581,19 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
             if epoch == start_epoch and start_step > 0:  # continue a saved partial epoch
                 loss_sum, seconds, first = partial["loss_sum"].to(device), partial["seconds"], start_step
             epoch_batches = batches(epoch)
-            for n_steps, idx in enumerate(epoch_batches[first:], start=first + 1):
-                local = idx.tensor_split(world)[rank]
-                xb, yb = x[local].to(device, non_blocking=True), y[local].to(device, non_blocking=True)
-                loss_sum += trainer.step(xb, yb, n_global=len(idx))
+            local = [idx.tensor_split(world)[rank] for idx in epoch_batches[first:]]  # this rank's shards only
+            images = 0
+            for n_steps, (idx, (xb, yb)) in enumerate(zip(local, source.batches(local)), start=first + 1):
+                if source.streamed:
+                    check_batch(xb, yb, n_classes, f"training batch of samples {idx.tolist()[:4]}... (epoch {epoch + 1}, "
+                                f"step {n_steps})")
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True).long()
+                loss_sum += trainer.step(xb, yb, n_global=len(epoch_batches[n_steps - 1]))
                 if sched is not None:
                     sched.step()
+                images += len(epoch_batches[n_steps - 1])
+                bar.update(1)
+                bar.set_postfix_str(f"{images / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
                 if ckpt is not None and n_steps < len(epoch_batches):  # the epoch's end saves below
                     stopping = stop.after_step()
                     due = save_every is not None and (epoch * steps_per_epoch + n_steps) % save_every == 0
@@ -627,15 +604,16 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             n_steps = len(epoch_batches)
+            elapsed = time.perf_counter() - t0
             record = {"epoch": epoch + 1, "loss": (loss_sum / max(n_steps, 1)).item(),
-                      "seconds": seconds + time.perf_counter() - t0, "steps": n_steps}
+                      "seconds": seconds + elapsed, "steps": n_steps,
+                      "images": sum(len(b) for b in epoch_batches)}  # images / seconds: the throughput
             history.append(record)
             if ckpt is not None:
                 ckpt.save(epoch + 1, 0, history, torch.zeros(()), 0.0, finished=epoch + 1 == epochs)
                 if stop.at_epoch_end():
                     raise KeyboardInterrupt
             bar.set_description(f"train {cfg.method} loss {record['loss']:.4f}")
-            bar.update(1)
             if on_epoch is not None:
                 on_epoch(record)
     bar.close()
@@ -643,13 +621,26 @@ def fit(model, x, y, cfg: TrainConfig, *, epochs=10, batch_size=128, optimizer="
     return history
 
 
-@torch.no_grad()
-def accuracy(model, x, y, batch_size=512) -> float:
-    """Clean accuracy of model (eval mode, restored after) on (x, y)."""
+def _probe_classes(model, source, device):
+    """The model's number of classes, from one forward pass on the first sample (eval mode)."""
+    x, y = next(iter(source.batches([[0]])))
+    check_batch(x, y, None, "the first sample")
     net = attack_view(model)
-    device = model_device(net, x.device)
+    with torch.no_grad(), model_guard(net):
+        out = net(x.to(device))
+    if out.dim() != 2:
+        raise ValueError(f"the model must return logits [N, C], got shape {tuple(out.shape)}")
+    return out.shape[1]
+
+
+@torch.no_grad()
+def accuracy(model, data, y=None, batch_size=512) -> float:
+    """Clean accuracy of model (eval mode, restored after) on data (as fit takes it, or x, y)."""
+    source = as_source((data, y) if y is not None else data, "accuracy's data")
+    net = attack_view(model)
+    device = model_device(net, source.x.device if not source.streamed else torch.device("cpu"))
     correct = 0
     with model_guard(net):
-        for i in range(0, len(y), batch_size):
-            correct += (net(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
-    return correct / max(len(y), 1)
+        for xb, yb in source.batches(torch.arange(len(source)).split(batch_size)):
+            correct += (net(xb.to(device)).argmax(1).cpu() == yb).sum().item()
+    return correct / max(len(source), 1)
