@@ -56,16 +56,23 @@ def refuse_early_stop(engine, name: str, reason: str) -> None:
 
 
 class MeanGradient:
-    """The mean of n evaluations at one point, as UPGD takes it: zeros, then += g / n."""
+    """The mean of n evaluations at one point, as UPGD takes it (zeros, then += g / n).
+
+    Computed in the first gradient's buffer: 0 + g / n is g / n except that -0.0
+    becomes +0.0, a difference sign() and the later sums never see.
+    """
 
     def __init__(self, gradient, n: int):
         self.gradient = gradient
         self.n = n
 
     def __call__(self, adv):
-        total = torch.zeros_like(adv)
-        for _ in range(self.n):
-            total += self.gradient(adv) / self.n
+        total = self.gradient(adv)
+        if self.n == 1:
+            return total  # g / 1 == g
+        total.div_(self.n)
+        for _ in range(self.n - 1):
+            total += self.gradient(adv).div_(self.n)
         return total
 
     def succeeded(self):
