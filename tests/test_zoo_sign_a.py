@@ -386,3 +386,33 @@ def test_numpy_rng_untouched(trained_models, small):
     before = np.random.get_state()[1].copy()
     fastadv.TIFGSM(Pooled(trained_models["mlp"]), len_kernel=5)(rgb16(small[0]), small[1])
     assert np.array_equal(np.random.get_state()[1], before)
+
+
+class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that would block the host on a device tensor."""
+
+    SYNCS = {"_local_scalar_dense", "nonzero", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_host_sync_per_step(name, trained_models, small):
+    """The loops never read a tensor on the host per step; the input diversity reads its
+    four CPU-generator draws (3 sizes, 1 coin), which stay on the CPU whatever the device."""
+    net, x = inputs("pooled", trained_models["cnn"], small[0])
+    kwargs = {"len_kernel": 5} if name == "TIFGSM" else {}
+    counts = []
+    for steps in (2, 5):
+        with SyncCounter() as counter:
+            getattr(fastadv, name)(net, steps=steps, **kwargs)(x, small[1])
+        counts.append(counter.count)
+    per_step = 4 if name in ("DIFGSM", "TIFGSM") else 0
+    assert counts[1] - counts[0] == 3 * per_step, counts
