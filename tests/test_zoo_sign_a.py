@@ -23,6 +23,7 @@ import fastadv
 from fastadv.attacks.difgsm import smoothing_kernel
 from fastadv.models import SmallCNN
 from helpers import assert_equal
+from test_zoo_linf import run, set_mode
 
 NAMES = ["BIM", "UPGD", "DIFGSM", "TIFGSM", "NIFGSM", "SINIFGSM", "VMIFGSM", "VNIFGSM"]
 FUNCTIONS = {name: name.lower() for name in NAMES}
@@ -91,24 +92,6 @@ def inputs(kind, model, x):
     if kind == "digits":
         return model, x
     return Pooled(model).eval(), (rgb16(x) if kind == "rgb16" else x)
-
-
-def set_mode(atk, mode):
-    if mode == "random":
-        atk.set_mode_targeted_random(quiet=True)
-    elif mode == "least_likely":
-        atk.set_mode_targeted_least_likely(kth_min=2, quiet=True)
-    elif mode == "label":
-        atk.set_mode_targeted_by_label(quiet=True)
-    elif mode == "function":
-        atk.set_mode_targeted_by_function(lambda images, labels: (labels + 3) % 10, quiet=True)
-    return atk
-
-
-def run(lib, name, model, x, y, kwargs, mode=None, seed=1, **extra):
-    atk = set_mode(getattr(lib, name)(model, **kwargs, **extra), mode)
-    torch.manual_seed(seed)
-    return atk(x, y)
 
 
 @pytest.fixture

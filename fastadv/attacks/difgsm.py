@@ -211,7 +211,32 @@ _SHARED_DOC = """
 """
 
 
-class DIFGSM(Attack):
+class _DiversityAttack(Attack):
+    """DIFGSM and TIFGSM: the attributes they share (in the reference's order) and the forward."""
+
+    def _set_common(self, eps, alpha, steps, decay, resize_rate, diversity_prob, random_start):
+        self.eps = validation.check_budget(eps, "eps")
+        self.steps = validation.check_steps(steps)
+        self.decay = validation.check_budget(decay, "decay")
+        self.alpha = validation.check_budget(alpha, "alpha", positive=True)
+        self.resize_rate = check_resize_rate(resize_rate)
+        self.diversity_prob = check_probability(diversity_prob, "diversity_prob")
+        self.random_start = random_start
+
+    def _kernel(self):
+        return None
+
+    def forward(self, images, labels):
+        x, y = self._prepare(images, labels)
+        return difgsm_loop(
+            self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
+            decay=self.decay, resize_rate=self.resize_rate, diversity_prob=self.diversity_prob,
+            random_start=self.random_start, kernel=self._kernel(), targeted=self.targeted, backend=self.backend,
+            engine=self.engine, name=self.attack,
+        )
+
+
+class DIFGSM(_DiversityAttack):
     __doc__ = r"""DI2-FGSM from 'Improving Transferability of Adversarial Examples with Input
     Diversity' [https://arxiv.org/abs/1803.06978].
 
@@ -241,26 +266,11 @@ class DIFGSM(Attack):
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, resize_rate=0.9, diversity_prob=0.5,
                  random_start=False, *, backend=None, **engine):
         super().__init__("DIFGSM", model, backend=backend, **engine)
-        self.eps = validation.check_budget(eps, "eps")
-        self.steps = validation.check_steps(steps)
-        self.decay = validation.check_budget(decay, "decay")
-        self.alpha = validation.check_budget(alpha, "alpha", positive=True)
-        self.resize_rate = check_resize_rate(resize_rate)
-        self.diversity_prob = check_probability(diversity_prob, "diversity_prob")
-        self.random_start = random_start
+        self._set_common(eps, alpha, steps, decay, resize_rate, diversity_prob, random_start)
         self.supported_mode = ["default", "targeted"]
 
-    def forward(self, images, labels):
-        x, y = self._prepare(images, labels)
-        return difgsm_loop(
-            self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
-            decay=self.decay, resize_rate=self.resize_rate, diversity_prob=self.diversity_prob,
-            random_start=self.random_start, targeted=self.targeted, backend=self.backend,
-            engine=self.engine, name=self.attack,
-        )
 
-
-class TIFGSM(Attack):
+class TIFGSM(_DiversityAttack):
     __doc__ = r"""TI-FGSM from 'Evading Defenses to Transferable Adversarial Examples by
     Translation-Invariant Attacks' [https://arxiv.org/abs/1904.02884].
 
@@ -296,23 +306,11 @@ class TIFGSM(Attack):
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, kernel_name="gaussian", len_kernel=15,
                  nsig=3, resize_rate=0.9, diversity_prob=0.5, random_start=False, *, backend=None, **engine):
         super().__init__("TIFGSM", model, backend=backend, **engine)
-        self.eps = validation.check_budget(eps, "eps")
-        self.steps = validation.check_steps(steps)
-        self.decay = validation.check_budget(decay, "decay")
-        self.alpha = validation.check_budget(alpha, "alpha", positive=True)
-        self.resize_rate = check_resize_rate(resize_rate)
-        self.diversity_prob = check_probability(diversity_prob, "diversity_prob")
-        self.random_start = random_start
+        self._set_common(eps, alpha, steps, decay, resize_rate, diversity_prob, random_start)
         self.kernel_name, self.len_kernel, self.nsig = check_kernel(kernel_name, len_kernel, nsig)
         # [3, 1, L, L] as the reference stores it (here applied to every channel, whatever their number)
         self.stacked_kernel = smoothing_kernel(self.kernel_name, self.len_kernel, self.nsig).repeat(3, 1, 1, 1)
         self.supported_mode = ["default", "targeted"]
 
-    def forward(self, images, labels):
-        x, y = self._prepare(images, labels)
-        return difgsm_loop(
-            self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
-            decay=self.decay, resize_rate=self.resize_rate, diversity_prob=self.diversity_prob,
-            random_start=self.random_start, kernel=self.stacked_kernel[0, 0], targeted=self.targeted,
-            backend=self.backend, engine=self.engine, name=self.attack,
-        )
+    def _kernel(self):
+        return self.stacked_kernel[0, 0]
