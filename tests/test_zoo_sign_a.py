@@ -135,6 +135,15 @@ def test_upgd_targeted_losses_equal_torchattacks(loss, trained_models, small):
             expected = run(torchattacks, "UPGD", model, x, y, kwargs, mode)
             actual = run(fastadv, "UPGD", model, x, y, kwargs, mode, backend="torch")
             assert_equal(actual, expected, f"UPGD {loss} {mode}")
+    if loss == "margin":  # the plain function: labels are the targets
+        t = (y + 1) % 10
+        expected = run(fastadv, "UPGD", model, x, t, dict(steps=4, loss=loss), "label")
+        torch.manual_seed(1)
+        assert_equal(fastadv.functional.upgd(model, x, t, steps=4, loss=loss, targeted=True), expected, "upgd()")
+        torch.manual_seed(1)
+        early = fastadv.functional.upgd(model, x, t, steps=4, loss=loss, targeted=True, early_stop=True)
+        reached = model(early).argmax(1) == t
+        assert_equal(early[~reached], expected[~reached], "upgd() early_stop")
 
 
 def test_upgd_callable_loss_equals_torchattacks(trained_models, small):

@@ -85,7 +85,9 @@ class BIM(Attack):
 
     Equivalence: bit-exact with torchattacks 3.5.1 BIM on every backend (the step
     is the fused sign step and clip, then one clamp between bounds computed once),
-    every targeted mode. early_stop is supported.
+    every targeted mode. early_stop is supported. For fp16/bf16 images the
+    reference's float masks turn the iterate into fp32 (and then crash a
+    half-precision model); here the clip is the same in the images' dtype.
 
     Arguments:
         model (nn.Module): model to attack.

@@ -281,8 +281,10 @@ class TIFGSM(_DiversityAttack):
     Equivalence: bit-exact with torchattacks 3.5.1 TIFGSM on 3-channel images, the
     'torch' backend (the CPU default) and the same torch seed, every targeted mode.
     The reference convolves with groups=3 and crashes on other channel counts; here
-    the kernel is applied to each channel, whatever their number. len_kernel must be
-    odd (a centred kernel) and at most the image side (checked per call).
+    the kernel is applied to each channel, whatever their number. Its fp32 kernel
+    also crashes on fp16/bf16 gradients; here the kernel is cast to their dtype.
+    len_kernel must be odd (a centred kernel) and at most the image side (checked
+    per call).
 """ + _SHARED_DOC + r"""
     Arguments:
         model (nn.Module): model to attack.

@@ -70,9 +70,9 @@ class LossGradient:
             else:
                 logits = self.forward(adv)
                 if not self._checked:
-                    validation.check_logits(logits, self.labels, n_classes_min=3 if self.loss == "dlr" else 1)
-                    if self.targets is not None:
-                        validation.check_logits(logits, self.targets, n_classes_min=4 if self.loss == "dlr" else 1)
+                    for labels, dlr_min in ((self.labels, 3), (self.targets, 4)):
+                        if labels is not None:
+                            validation.check_logits(logits, labels, n_classes_min=dlr_min if self.loss == "dlr" else 1)
                     self._checked = True
                 self.last_logits = logits.detach()
                 logits = logits.float() if self.autocast is not None else logits
@@ -86,7 +86,7 @@ class LossGradient:
         return pred != self.labels if self.targets is None else pred == self.targets
 
     def keep(self, mask):
-        self.labels = self.labels[mask]
+        self.labels = self.labels[mask] if self.labels is not None else None
         self.targets = self.targets[mask] if self.targets is not None else None
 
 
