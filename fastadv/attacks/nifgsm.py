@@ -4,7 +4,9 @@ import torch
 
 from fastadv import validation
 from fastadv.attack import Attack
-from fastadv.attacks.momentum import Lookahead, ScaledCopiesGradient, check_count, momentum_iterations, refuse_early_stop
+from fastadv.attacks.momentum import (
+    Lookahead, ScaledCopiesGradient, check_count, momentum_iterations, refuse_early_stop,
+)
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
 
 

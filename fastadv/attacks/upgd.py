@@ -63,7 +63,8 @@ class LossGradient:
 
     def __call__(self, adv):
         adv = adv.detach().requires_grad_(True)
-        mixed = torch.autocast(adv.device.type, self.autocast) if self.autocast is not None else contextlib.nullcontext()
+        autocast = self.autocast is not None
+        mixed = torch.autocast(adv.device.type, self.autocast) if autocast else contextlib.nullcontext()
         with torch.enable_grad(), mixed:
             if callable(self.loss):
                 cost = self.loss(adv, self.labels, self.targets)
@@ -189,7 +190,7 @@ class UPGD(Attack):
     def forward(self, images, labels):
         x, y = self._prepare(images, labels)
         return upgd_loop(
-            self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps, random_start=self.random_start,
-            loss=self.loss, decay=self.decay, eot_iter=self.eot_iter, targeted=self.targeted, true_labels=y, backend=self.backend,
-            engine=self.engine,
+            self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
+            random_start=self.random_start, loss=self.loss, decay=self.decay, eot_iter=self.eot_iter,
+            targeted=self.targeted, true_labels=y, backend=self.backend, engine=self.engine,
         )

@@ -30,7 +30,8 @@ def _run(model, images, labels, *, eps, alpha, steps, decay, N, beta, nesterov, 
     return run_functional(
         vmifgsm_loop, model, images, labels, engine=engine, eps=validation.check_budget(eps, "eps"),
         alpha=validation.check_budget(alpha, "alpha", positive=True), steps=validation.check_steps(steps),
-        decay=validation.check_budget(decay, "decay"), N=check_count(N, "N"), beta=validation.check_budget(beta, "beta"),
+        decay=validation.check_budget(decay, "decay"), N=check_count(N, "N"),
+        beta=validation.check_budget(beta, "beta"),
         nesterov=nesterov, targeted=targeted, backend=backend, name=name,
     )
 
