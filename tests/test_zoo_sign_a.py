@@ -408,3 +408,13 @@ def test_no_host_sync_per_step(name, trained_models, small):
         counts.append(counter.count)
     per_step = 4 if name in ("DIFGSM", "TIFGSM") else 0
     assert counts[1] - counts[0] == 3 * per_step, counts
+
+
+@pytest.mark.parametrize("name", ["DIFGSM", "TIFGSM"])
+def test_odd_image_size_equals_torchattacks(name, trained_models, small):
+    """11x11 images: the drawn side lies in [9, 11), the padding fills the rest."""
+    net = Pooled(trained_models["mlp"]).eval()
+    x = F.interpolate(small[0], size=(11, 11), mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
+    kwargs = dict(steps=3, decay=1.0, diversity_prob=0.9, len_kernel=5) if name == "TIFGSM" else dict(steps=3)
+    expected = run(torchattacks, name, net, x, small[1], kwargs)
+    assert_equal(run(fastadv, name, net, x, small[1], kwargs, backend="torch"), expected, f"{name} 11x11")
