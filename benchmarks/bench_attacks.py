@@ -85,6 +85,16 @@ ATTACKS = {
     "Square": AttackSpec(
         lambda s, c, e: dict(norm="Linf", eps=e, n_queries=10 * s, n_restarts=1, seed=0), forwards=lambda s, c: 10 * s,
     ),
+    "BIM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s), grads=lambda s, c: s),
+    "UPGD": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, random_start=True, loss="ce"),
+                       grads=lambda s, c: s),
+    "DIFGSM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, decay=0.0), grads=lambda s, c: s),
+    # The reference's TIFGSM needs 3 channels (it crashes on the 1-channel models); 7 taps fit 8x8 digits.
+    "TIFGSM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, len_kernel=7), grads=lambda s, c: s),
+    "NIFGSM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, decay=1.0), grads=lambda s, c: s),
+    "SINIFGSM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, m=5), grads=lambda s, c: 5 * s),
+    "VMIFGSM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, N=5), grads=lambda s, c: 6 * s),
+    "VNIFGSM": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s, N=5), grads=lambda s, c: 6 * s),
     "DeepFool": AttackSpec(lambda s, c, e: dict(steps=s, overshoot=0.02), heavy=True),
     "AutoAttack": AttackSpec(
         lambda s, c, e: dict(norm="Linf", eps=e, version="standard", n_classes=c, seed=0),

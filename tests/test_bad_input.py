@@ -45,6 +45,14 @@ CALLS = [
     lambda m, x, y: F.pgd(m, x, y, steps=2),
     lambda m, x, y: F.fgsm(m, x, y),
     lambda m, x, y: F.pgdl2(m, x, y, steps=2),
+    lambda m, x, y: fastadv.BIM(m, steps=1)(x, y),
+    lambda m, x, y: fastadv.UPGD(m, steps=1, loss="margin")(x, y),
+    lambda m, x, y: fastadv.DIFGSM(m, steps=1)(x, y),
+    lambda m, x, y: fastadv.TIFGSM(m, steps=1, len_kernel=5)(x, y),
+    lambda m, x, y: fastadv.NIFGSM(m, steps=1)(x, y),
+    lambda m, x, y: fastadv.SINIFGSM(m, steps=1, m=2)(x, y),
+    lambda m, x, y: fastadv.VMIFGSM(m, steps=1, N=1)(x, y),
+    lambda m, x, y: fastadv.VNIFGSM(m, steps=1, N=1)(x, y),
 ]
 
 

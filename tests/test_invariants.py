@@ -10,6 +10,14 @@ ATTACKS = [
     ("FGSM", {"eps": 0.1}, "linf", 0.1),
     ("PGD", {"eps": 0.1, "alpha": 0.03, "steps": 4}, "linf", 0.1),
     ("PGDL2", {"eps": 0.7, "alpha": 0.3, "steps": 4}, "l2", 0.7),
+    ("BIM", {"eps": 0.1, "alpha": 0.03, "steps": 2}, "linf", 0.1),
+    ("UPGD", {"eps": 0.1, "alpha": 0.03, "steps": 2, "random_start": True}, "linf", 0.1),
+    ("DIFGSM", {"eps": 0.1, "alpha": 0.03, "steps": 2}, "linf", 0.1),
+    ("TIFGSM", {"eps": 0.1, "alpha": 0.03, "steps": 2, "len_kernel": 5}, "linf", 0.1),
+    ("NIFGSM", {"eps": 0.1, "alpha": 0.03, "steps": 2}, "linf", 0.1),
+    ("SINIFGSM", {"eps": 0.1, "alpha": 0.03, "steps": 2, "m": 2}, "linf", 0.1),
+    ("VMIFGSM", {"eps": 0.1, "alpha": 0.03, "steps": 2, "N": 2}, "linf", 0.1),
+    ("VNIFGSM", {"eps": 0.1, "alpha": 0.03, "steps": 2, "N": 2}, "linf", 0.1),
 ]
 
 

@@ -22,6 +22,14 @@ REGISTRY = {
     "Square": ("square", "square"),
     "MultiAttack": ("multiattack", "multiattack"),
     "AutoAttack": ("autoattack", "autoattack"),
+    "BIM": ("bim", "bim"),
+    "UPGD": ("upgd", "upgd"),
+    "DIFGSM": ("difgsm", "difgsm"),
+    "TIFGSM": ("difgsm", "tifgsm"),
+    "NIFGSM": ("nifgsm", "nifgsm"),
+    "SINIFGSM": ("nifgsm", "sinifgsm"),
+    "VMIFGSM": ("vmifgsm", "vmifgsm"),
+    "VNIFGSM": ("vmifgsm", "vnifgsm"),
 }
 FUNCTIONS = {fn: (module, fn) for module, fn in REGISTRY.values()}
 

@@ -1,9 +1,9 @@
 """MI-FGSM: iterative sign steps on an accumulated, L1-normalized gradient (Dong et al., 2018). Linf."""
 import torch
 
-from fastadv import loop, ops, validation
+from fastadv import validation
 from fastadv.attack import Attack
-from fastadv.backend import resolve
+from fastadv.attacks.momentum import momentum_iterations
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
 
 
@@ -12,19 +12,9 @@ def mifgsm_loop(forward, x, y, *, eps, alpha, steps, decay=1.0, targeted=False, 
     fmt = validation.memory_format(x)
     x = engine.layout(x)
     grad = CrossEntropyGradient(forward, y, targeted, engine.precision)
-
-    def update(adv, g, x, eps, alpha, momentum, out=None):
-        # The momentum is updated in place: early stopping drops its rows with the
-        # batch, and a captured CUDA graph replays the update on the same buffer.
-        return ops.mifgsm_step(
-            adv, x, g, momentum, alpha=alpha, eps=eps, decay=decay, backend=backend, out=out, momentum_out=momentum,
-            consume_grad=True,
-        )[0]
-
-    state = {"x": x, "eps": eps, "alpha": alpha, "momentum": torch.zeros_like(x)}
-    adv = loop.run(
-        update, grad, x.clone(), steps, state, early_stop=engine.early_stop,
-        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=forward,
+    adv = momentum_iterations(
+        grad, x.clone(), x, torch.zeros_like(x), eps=eps, alpha=alpha, steps=steps, decay=decay, backend=backend,
+        engine=engine, model=forward,
     )
     return adv.contiguous(memory_format=fmt)
 
