@@ -14,11 +14,12 @@ def check_count(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_number(value, name: str, *, positive=False, upper=None) -> float:
-    """A finite float >= 0 (> 0 when positive, <= upper when given)."""
-    value = validation.check_budget(value, name, positive=positive)
-    if upper is not None and value > upper:
-        raise ValueError(f"{name} must be <= {upper}, got {value}")
+def check_number(value, name: str, *, positive=False, upper=None):
+    """A finite real >= 0 (> 0 when positive, <= upper when given), returned as given
+    (an int stays an int, as the reference stores it)."""
+    checked = validation.check_budget(value, name, positive=positive)
+    if upper is not None and checked > upper:
+        raise ValueError(f"{name} must be <= {upper}, got {checked}")
     return value
 
 
