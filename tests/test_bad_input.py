@@ -45,6 +45,10 @@ CALLS = [
     lambda m, x, y: F.pgd(m, x, y, steps=2),
     lambda m, x, y: F.fgsm(m, x, y),
     lambda m, x, y: F.pgdl2(m, x, y, steps=2),
+    lambda m, x, y: fastadv.Jitter(m, steps=2)(x, y),
+    lambda m, x, y: F.pifgsm(m, x, y, num_iter_set=2),
+    lambda m, x, y: fastadv.PGDRS(m, steps=2)(x, y),
+    lambda m, x, y: F.spsa(m, x, y, nb_sample=4),
 ]
 
 

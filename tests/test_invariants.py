@@ -10,6 +10,12 @@ ATTACKS = [
     ("FGSM", {"eps": 0.1}, "linf", 0.1),
     ("PGD", {"eps": 0.1, "alpha": 0.03, "steps": 4}, "linf", 0.1),
     ("PGDL2", {"eps": 0.7, "alpha": 0.3, "steps": 4}, "l2", 0.7),
+    ("PIFGSM", {"max_epsilon": 0.1, "num_iter_set": 3}, "linf", 0.1),
+    ("PIFGSMPP", {"max_epsilon": 0.1, "num_iter_set": 3}, "linf", 0.1),
+    ("Jitter", {"eps": 0.1, "alpha": 0.03, "steps": 3}, "linf", 0.1),
+    ("PGDRS", {"eps": 0.1, "alpha": 0.03, "steps": 2}, "linf", 0.1),
+    ("PGDRSL2", {"eps": 0.7, "alpha": 0.3, "steps": 2}, "l2", 0.7),
+    ("SPSA", {"eps": 0.1, "nb_iter": 2, "nb_sample": 8, "max_batch_size": 4}, "linf", 0.1),
 ]
 
 
