@@ -17,11 +17,16 @@ class JitterGradient:
 
     Per sample: z = softmax(scale * logits / max|logits|) + std * N(0, 1) (one draw
     of the logits' shape per call when std != 0), cost = mean((z - onehot)^2), negated
-    towards the targets when targeted; divided by ||adv - x||_inf where the true label
-    is already misclassified and the perturbation is non-zero. The batch loss is the
-    mean. The division is a select, not the reference's boolean-mask indexing (no host
-    sync), with a safe denominator elsewhere so no NaN enters the backward pass; the
-    gradient is the same, bit for bit.
+    towards the targets when targeted; divided by r = ||adv - x||_inf where the true
+    label is already misclassified and r != 0. The batch loss is the mean.
+
+    Two changes of form, none of value: the division is a select, not the reference's
+    boolean-mask indexing (no host sync), with a safe denominator elsewhere so no NaN
+    enters the backward pass; and r's gradient is taken w.r.t. r alone, then spread
+    onto the pixels with PyTorch's own rule for the inf-norm, sign(d) * g_r / (number
+    of pixels at the max), in one select: only samples that were divided get a
+    non-zero term, and image-sized autograd intermediates are avoided. The gradient
+    is the reference's, bit for bit (tests/test_zoo_sign_b.py).
     """
 
     def __init__(self, forward, x, labels, targets=None, *, scale=10, std=0.1, precision=None):
@@ -38,6 +43,11 @@ class JitterGradient:
 
     def __call__(self, adv: torch.Tensor) -> torch.Tensor:
         adv = adv.detach().requires_grad_(True)
+        dims = list(range(1, adv.dim()))
+        d = adv.detach() - self.x
+        magnitude = d.abs()
+        radius = magnitude.amax(dim=dims, keepdim=True)  # ||d||_inf: a max is exact, as torch.norm's
+        r = radius.flatten().requires_grad_(True)
         mixed = torch.autocast(adv.device.type, self.autocast, enabled=self.autocast is not None)
         with torch.enable_grad():
             with mixed:
@@ -56,13 +66,16 @@ class JitterGradient:
             cost = F.mse_loss(hat_z, onehot, reduction="none").mean(dim=1)
             if self.targets is not None:
                 cost = -cost
-            norm_r = torch.norm(adv - self.x, p=float("inf"), dim=list(range(1, adv.dim())))
-            divide = wrong & (norm_r != 0)
-            safe = torch.where(divide, norm_r, torch.ones_like(norm_r))
+            divide = wrong & (r != 0)
+            safe = torch.where(divide, r, torch.ones_like(r))
             cost = torch.where(divide, cost / safe, cost)
             cost = cost.mean() if self._batch is None else cost.sum() / self._batch
             self.last_logits = logits.detach()
-            return torch.autograd.grad(cost, adv)[0]
+            grad, grad_r = torch.autograd.grad(cost, (adv, r))
+        # PyTorch's inf-norm backward: sgn(d) * ((g_r / count) * (|d| == r)); elsewhere +-0, a no-op on the sum
+        at_max = magnitude == radius
+        share = grad_r.view_as(radius) / at_max.sum(dim=dims, keepdim=True)
+        return grad.add_(torch.where(at_max, d.sign_().mul_(share), 0.0))
 
     def succeeded(self) -> torch.Tensor:
         pred = self.last_logits.argmax(1)
