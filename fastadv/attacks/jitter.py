@@ -40,12 +40,14 @@ class JitterGradient:
         self.last_logits = None
         self._checked = False
         self._batch = None  # the original batch size once early stopping drops samples
+        self._scratch = None
 
     def __call__(self, adv: torch.Tensor) -> torch.Tensor:
         adv = adv.detach().requires_grad_(True)
         dims = list(range(1, adv.dim()))
-        d = adv.detach() - self.x
-        magnitude = d.abs()
+        d, magnitude, at_max = self._buffers(adv)
+        d = torch.sub(adv.detach(), self.x, out=d)
+        magnitude = torch.abs(d, out=magnitude)
         radius = magnitude.amax(dim=dims, keepdim=True)  # ||d||_inf: a max is exact, as torch.norm's
         r = radius.flatten().requires_grad_(True)
         mixed = torch.autocast(adv.device.type, self.autocast, enabled=self.autocast is not None)
@@ -72,10 +74,17 @@ class JitterGradient:
             cost = cost.mean() if self._batch is None else cost.sum() / self._batch
             self.last_logits = logits.detach()
             grad, grad_r = torch.autograd.grad(cost, (adv, r))
-        # PyTorch's inf-norm backward: sgn(d) * ((g_r / count) * (|d| == r)); elsewhere +-0, a no-op on the sum
-        at_max = magnitude == radius
-        share = grad_r.view_as(radius) / at_max.sum(dim=dims, keepdim=True)
-        return grad.add_(torch.where(at_max, d.sign_().mul_(share), 0.0))
+        # PyTorch's inf-norm backward: sgn(d) * ((g_r / count) * (|d| == r)), in d's buffer. The count is
+        # exact in fp32, as the reference's int64 count is once divided into g_r.
+        at_max = torch.eq(magnitude, radius, out=at_max)
+        share = grad_r.view_as(radius) / at_max.sum(dim=dims, keepdim=True, dtype=torch.float32)
+        return grad.add_(d.sign_().mul_(share).mul_(at_max))
+
+    def _buffers(self, adv):
+        """Image-sized scratch buffers reused across steps (fresh ones cost page faults on the CPU)."""
+        if self._scratch is None or self._scratch[0].shape != adv.shape or self._scratch[0].dtype != adv.dtype:
+            self._scratch = (torch.empty_like(adv), torch.empty_like(adv), torch.empty_like(adv, dtype=torch.bool))
+        return self._scratch
 
     def succeeded(self) -> torch.Tensor:
         pred = self.last_logits.argmax(1)
