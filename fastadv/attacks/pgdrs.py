@@ -24,9 +24,14 @@ class Noise:
         self.noise_sd = check_number(noise_sd, "noise_sd")
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.sample(img.shape, img.device)
+
+    def sample(self, shape, device) -> torch.Tensor:
+        """Noise for a contiguous fp32 tensor of this shape (the draws of rand_like/randn_like on one)."""
+        t = torch.empty(shape, dtype=torch.float32, device=device)
         if self.noise_type == "uniform":
-            return torch.rand_like(img.float()).sub_(0.5).mul_(2).mul_(self.noise_sd)
-        return torch.randn_like(img.float()).mul_(self.noise_sd)
+            return t.uniform_().sub_(0.5).mul_(2).mul_(self.noise_sd)
+        return t.normal_().mul_(self.noise_sd)
 
 
 def check_smoothing_args(steps, noise_batch_size, batch_max):
@@ -63,18 +68,27 @@ def smoothing_loop(forward, x, y, *, eps, alpha, steps, noise, noise_batch_size,
     their cross-entropy), else None. update(delta, grad, eps=, alpha=, eps_for_division=)
     returns the next delta. engine: precision and channels_last apply to the model's
     input; early_stop does not apply (the attacked classifier is the smoothed one).
+
+    The reference clamps noise_batch_size repeated copies of x + delta and lets autograd
+    take the clamp's and the repeat's backward on all of them. The copies are equal, so
+    here clamp(x + delta) and its in-range mask are taken once per image, the noise is
+    added in the noise's buffer, and delta's gradient is the select of the mask on the
+    copies' gradients summed over the copies (the sum the repeat's backward takes; the
+    masked-out terms are zeros either way): the same bits with a fifth of the
+    image-sized passes outside the model.
     """
     n, nb, rest = x.shape[0], noise_batch_size, x.shape[1:]
-    inputs_exp = x.unsqueeze(1).expand((n, nb, *rest)).reshape(-1, *rest)
     delta = torch.zeros((n, *rest), device=x.device)  # the default dtype, as the reference's
     dtype = autocast_dtype(engine.precision)
     labels = y if targets is None else targets
-    repeats = (1, nb) + (1,) * len(rest)
     for step in range(steps):
-        d = delta.requires_grad_(True)
+        moved = x + delta
+        in_range = (moved >= 0).logical_and_(moved <= 1)  # where the clamp passes its gradient
+        img = torch.clamp_(moved, min=0, max=1).unsqueeze(1)
+        adv_noise = noise.sample((n * nb, img[0].numel()), x.device).view(n, nb, *rest)
+        adv_noise = adv_noise.add_(img) if img.dtype == adv_noise.dtype else img + adv_noise  # fp64 images promote
+        adv_noise = adv_noise.view(n * nb, *rest).requires_grad_(True)
         with torch.enable_grad():
-            img = torch.clamp(inputs_exp + d.unsqueeze(1).repeat(repeats).view_as(inputs_exp), min=0, max=1)
-            adv_noise = img + noise(img.view(len(img), -1)).view(img.shape)
             with torch.autocast(x.device.type, dtype, enabled=dtype is not None):
                 logits = forward(engine.layout(adv_noise))
             if step == 0:
@@ -84,8 +98,9 @@ def smoothing_loop(forward, x, y, *, eps, alpha, steps, noise, noise_batch_size,
             loss = F.nll_loss(torch.log(average.clamp(min=1e-20)), labels)
             if targets is not None:
                 loss = -loss
-            g = torch.autograd.grad(loss, d)[0]
-        delta = update(delta.detach(), g, eps=eps, alpha=alpha, eps_for_division=eps_for_division)
+            g = torch.autograd.grad(loss, adv_noise)[0]
+        g = torch.where(in_range, g.view(n, nb, *rest).sum(1), 0.0)
+        delta = update(delta, g, eps=eps, alpha=alpha, eps_for_division=eps_for_division)
     return torch.clamp(x + delta, min=0, max=1)
 
 

@@ -11,12 +11,12 @@ from fastadv.reference import l2_norm, per_sample
 def l2_delta_update(delta, g, *, eps, alpha, eps_for_division):
     """The reference's L2 step on delta: g / (||g|| + eps_for_division), delta + alpha * g,
     then delta * min(eps / ||delta||, 1), with its exact expressions (eps / n is PyTorch's
-    reciprocal-then-multiply)."""
-    g = g / per_sample(l2_norm(g) + eps_for_division, g)
-    delta = delta + alpha * g
+    reciprocal-then-multiply), computed in g's buffer."""
+    g = g.div_(per_sample(l2_norm(g) + eps_for_division, g))
+    delta = g.mul_(alpha).add_(delta)  # delta + alpha * g, bit for bit
     norms = l2_norm(delta)
     factor = torch.min(eps / norms, torch.ones_like(norms))
-    return delta * per_sample(factor, delta)
+    return delta.mul_(per_sample(factor, delta))
 
 
 def pgdrsl2(model, images, labels, *, eps=1.0, alpha=0.2, steps=10, noise_type="guassian", noise_sd=0.5,
