@@ -22,6 +22,14 @@ REGISTRY = {
     "Square": ("square", "square"),
     "MultiAttack": ("multiattack", "multiattack"),
     "AutoAttack": ("autoattack", "autoattack"),
+    "PIFGSM": ("pifgsm", "pifgsm"),
+    "PIFGSMPP": ("pifgsmpp", "pifgsmpp"),
+    "Jitter": ("jitter", "jitter"),
+    "PGDRS": ("pgdrs", "pgdrs"),
+    "PGDRSL2": ("pgdrsl2", "pgdrsl2"),
+    "GN": ("gn", "gn"),
+    "VANILA": ("vanila", "vanila"),
+    "SPSA": ("spsa", "spsa"),
 }
 FUNCTIONS = {fn: (module, fn) for module, fn in REGISTRY.values()}
 
