@@ -10,6 +10,8 @@
   the labels they are given; fastadv does the same (tested for the random mode too).
 - Jitter steps through the Linf kernel: 'interpret' equals 'torch' bit for bit.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +21,7 @@ import fastadv
 from fastadv.attacks.pifgsmpp import smoothing_kernels
 from fastadv.models import MLP, SmallCNN, train_plain
 from helpers import assert_equal
+from test_zoo_linf import run  # the seeded call of one library's attack in a targeted mode
 
 FUNCTIONS = {"PIFGSM": "pifgsm", "PIFGSMPP": "pifgsmpp", "Jitter": "jitter", "PGDRS": "pgdrs", "PGDRSL2": "pgdrsl2",
              "GN": "gn", "VANILA": "vanila", "SPSA": "spsa"}
@@ -72,8 +75,6 @@ def _color_models(digits):
 @pytest.fixture
 def models(trained_models, _color_models):
     """(1-channel digits models, 3-channel digits models), fresh copies per test."""
-    import copy
-
     return trained_models, {k: copy.deepcopy(m).eval() for k, m in _color_models.items()}
 
 
@@ -84,24 +85,6 @@ def setup(name, arch, models, batch, n=24):
     if name in THREE_CHANNELS:
         return color[arch], three_channels(x), y
     return gray[arch], x, y
-
-
-def set_mode(atk, mode):
-    if mode == "random":
-        atk.set_mode_targeted_random(quiet=True)
-    elif mode == "least_likely":
-        atk.set_mode_targeted_least_likely(kth_min=2, quiet=True)
-    elif mode == "label":
-        atk.set_mode_targeted_by_label(quiet=True)
-    elif mode == "function":
-        atk.set_mode_targeted_by_function(lambda images, labels: (labels + 3) % 10, quiet=True)
-    return atk
-
-
-def run(lib, name, model, x, y, kwargs, mode=None, seed=1, **extra):
-    atk = set_mode(getattr(lib, name)(model, **kwargs, **extra), mode)
-    torch.manual_seed(seed)
-    return atk(x, y)
 
 
 # -- equivalence with torchattacks ----------------------------------------------------------
@@ -225,9 +208,9 @@ def test_labels_optional_for_gn_and_vanila(trained_models, batch):
     assert_equal(fastadv.GN(model)(x), expected, "GN without labels")
     torch.manual_seed(2)
     assert_equal(fastadv.functional.gn(model, x), expected, "gn without labels")
-    copy = fastadv.VANILA(model)(x)
-    assert_equal(copy, x, "VANILA")
-    assert copy.data_ptr() != x.data_ptr()
+    same = fastadv.VANILA(model)(x)
+    assert_equal(same, x, "VANILA")
+    assert same.data_ptr() != x.data_ptr()
     assert_equal(fastadv.GN(model, std=0)(x), x, "GN std=0")
 
 
