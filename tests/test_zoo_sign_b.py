@@ -360,3 +360,31 @@ def test_spsa_needs_two_classes(batch):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
     with pytest.raises(ValueError, match="at least 2"):
         fastadv.SPSA(model, **SMALL_SPSA)(x[:4], torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["Jitter", "PGDRS", "PGDRSL2", "GN", "SPSA"])
+def test_batch_one_equals_torchattacks(name, trained_models, batch):
+    x, y = batch
+    kwargs = {"Jitter": dict(steps=3), "PGDRS": dict(steps=2), "PGDRSL2": dict(steps=2), "SPSA": SMALL_SPSA}.get(name, {})
+    model = trained_models["cnn"]
+    expected = run(torchattacks, name, model, x[5:6], y[5:6], kwargs)
+    assert_equal(run(fastadv, name, model, x[5:6], y[5:6], kwargs), expected, f"{name} batch 1")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_images(dtype, trained_models, batch):
+    """bf16/fp16 images with a model of the same dtype: Jitter and GN equal the reference;
+    the patch-wise attacks run (the reference's fp32 kernels crash on such gradients)."""
+    x, y = batch
+    x, y = x[:8].to(dtype), y[:8]
+    model = SmallCNN().to(dtype).eval()
+    model.load_state_dict(trained_models["cnn"].state_dict())
+    for name, kwargs in (("Jitter", dict(steps=2)), ("GN", {})):
+        expected = run(torchattacks, name, model, x, y, kwargs)
+        actual = run(fastadv, name, model, x, y, kwargs)
+        assert actual.dtype == dtype
+        assert_equal(actual, expected, f"{name} {dtype}")
+    for name in ("PIFGSM", "PIFGSMPP"):
+        adv = getattr(fastadv, name)(model, max_epsilon=0.1, num_iter_set=2)(x, y)
+        assert adv.dtype == dtype and torch.isfinite(adv).all()
+        assert (adv.float() - x.float()).abs().max() <= 0.1 + 1e-2 and adv.min() >= 0 and adv.max() <= 1
