@@ -59,6 +59,7 @@ class AttackSpec:
     forwards: object = None  # (steps, num_classes) -> forward-only evaluations for the floor (Square)
     references: tuple = ("torchattacks",)
     heavy: bool = False  # left out of the default attack list
+    reference_channels: int = None  # the references run only on images with this many channels (PIFGSM's kernels)
 
 
 # Linf attacks take the model's eps (8/255 for most, see models.py) and step sizes that
@@ -101,6 +102,18 @@ ATTACKS = {
         # fastadv.AutoAttack is the original's; torchattacks' AutoAttack runs other settings
         references=("pyautoattack",), heavy=True,
     ),
+    "PIFGSM": AttackSpec(lambda s, c, e: dict(max_epsilon=2 * e, num_iter_set=s), grads=lambda s, c: s,
+                         reference_channels=3),
+    "PIFGSMPP": AttackSpec(lambda s, c, e: dict(max_epsilon=2 * e, num_iter_set=s), grads=lambda s, c: s,
+                           reference_channels=3),
+    "Jitter": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s), grads=lambda s, c: s),
+    # the loss averages 5 noisy copies per image: 5 gradients' worth of model work per step
+    "PGDRS": AttackSpec(lambda s, c, e: dict(eps=e, alpha=e / 4, steps=s), grads=lambda s, c: 5 * s),
+    "PGDRSL2": AttackSpec(lambda s, c, e: dict(eps=0.5, alpha=0.1, steps=s), grads=lambda s, c: 5 * s),
+    "GN": AttackSpec(lambda s, c, e: dict(std=0.1)),
+    "VANILA": AttackSpec(lambda s, c, e: {}),
+    # 16 directions, 2 forwards each (in batches of 8 copies of the batch): nb_iter=1 as the reference's default
+    "SPSA": AttackSpec(lambda s, c, e: dict(eps=e, nb_iter=1, nb_sample=16, max_batch_size=8), forwards=lambda s, c: 32),
 }
 
 
@@ -351,8 +364,11 @@ def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, d
     fa_kwargs = dict(kwargs, **mode_kw)
     grads = spec.grads(steps, num_classes) if spec.grads else None
     forwards = spec.forwards(steps, num_classes) if spec.forwards else None
+    wanted = [r for r in spec.references if r in refs]
+    if spec.reference_channels is not None and model_spec.input_shape[0] != spec.reference_channels:
+        wanted = []  # the reference crashes on this channel count; fastadv runs alone
     builders = case_builders(cls, attack, x, y, kwargs, mode_kw, grads=grads, forwards=forwards, device=device,
-                             backend=backend, seed=seed, refs=[r for r in spec.references if r in refs])
+                             backend=backend, seed=seed, refs=wanted)
     calls = [(name, fn) for name, build in builders if (fn := build(model)) is not None]
     counted = {name: count_calls(build, model, x.shape[0]) for name, build in builders if name in dict(calls)}
 

@@ -53,6 +53,10 @@ CALLS = [
     lambda m, x, y: fastadv.SINIFGSM(m, steps=1, m=2)(x, y),
     lambda m, x, y: fastadv.VMIFGSM(m, steps=1, N=1)(x, y),
     lambda m, x, y: fastadv.VNIFGSM(m, steps=1, N=1)(x, y),
+    lambda m, x, y: fastadv.Jitter(m, steps=2)(x, y),
+    lambda m, x, y: F.pifgsm(m, x, y, num_iter_set=2),
+    lambda m, x, y: fastadv.PGDRS(m, steps=2)(x, y),
+    lambda m, x, y: F.spsa(m, x, y, nb_sample=4),
 ]
 
 

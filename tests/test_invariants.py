@@ -18,6 +18,12 @@ ATTACKS = [
     ("SINIFGSM", {"eps": 0.1, "alpha": 0.03, "steps": 2, "m": 2}, "linf", 0.1),
     ("VMIFGSM", {"eps": 0.1, "alpha": 0.03, "steps": 2, "N": 2}, "linf", 0.1),
     ("VNIFGSM", {"eps": 0.1, "alpha": 0.03, "steps": 2, "N": 2}, "linf", 0.1),
+    ("PIFGSM", {"max_epsilon": 0.1, "num_iter_set": 3}, "linf", 0.1),
+    ("PIFGSMPP", {"max_epsilon": 0.1, "num_iter_set": 3}, "linf", 0.1),
+    ("Jitter", {"eps": 0.1, "alpha": 0.03, "steps": 3}, "linf", 0.1),
+    ("PGDRS", {"eps": 0.1, "alpha": 0.03, "steps": 2}, "linf", 0.1),
+    ("PGDRSL2", {"eps": 0.7, "alpha": 0.3, "steps": 2}, "l2", 0.7),
+    ("SPSA", {"eps": 0.1, "nb_iter": 2, "nb_sample": 8, "max_batch_size": 4}, "linf", 0.1),
 ]
 
 

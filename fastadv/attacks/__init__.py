@@ -30,6 +30,14 @@ REGISTRY = {
     "SINIFGSM": ("nifgsm", "sinifgsm"),
     "VMIFGSM": ("vmifgsm", "vmifgsm"),
     "VNIFGSM": ("vmifgsm", "vnifgsm"),
+    "PIFGSM": ("pifgsm", "pifgsm"),
+    "PIFGSMPP": ("pifgsmpp", "pifgsmpp"),
+    "Jitter": ("jitter", "jitter"),
+    "PGDRS": ("pgdrs", "pgdrs"),
+    "PGDRSL2": ("pgdrsl2", "pgdrsl2"),
+    "GN": ("gn", "gn"),
+    "VANILA": ("vanila", "vanila"),
+    "SPSA": ("spsa", "spsa"),
 }
 FUNCTIONS = {fn: (module, fn) for module, fn in REGISTRY.values()}
 
