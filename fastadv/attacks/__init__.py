@@ -22,6 +22,10 @@ REGISTRY = {
     "Square": ("square", "square"),
     "MultiAttack": ("multiattack", "multiattack"),
     "AutoAttack": ("autoattack", "autoattack"),
+    "EADL1": ("ead", "eadl1"),
+    "EADEN": ("ead", "eaden"),
+    "JSMA": ("jsma", "jsma"),
+    "SparseFool": ("sparsefool", "sparsefool"),
 }
 FUNCTIONS = {fn: (module, fn) for module, fn in REGISTRY.values()}
 
