@@ -69,9 +69,10 @@ def fista_step(y, x_k, anchor, beta, zt):
     upper = torch.clamp(y - beta, max=1)
     lower = torch.clamp(y + beta, min=0)
     diff = y - anchor
-    cond1 = (diff > beta).float()
-    cond2 = (torch.abs(diff) <= beta).float()
-    cond3 = (diff < -beta).float()
+    # In y's dtype: the reference's .float() turns fp16/bf16 iterates into fp32 (then its model fails).
+    cond1 = (diff > beta).to(y.dtype)
+    cond2 = (torch.abs(diff) <= beta).to(y.dtype)
+    cond3 = (diff < -beta).to(y.dtype)
     new_x = (cond1 * upper) + (cond2 * anchor) + (cond3 * lower)
     return new_x, new_x + (zt * (new_x - x_k))
 
@@ -201,8 +202,9 @@ class EADL1(Attack):
         kappa > 0 results depend on the batch (and on engine batch_size chunks);
       - abort_early stops the whole batch's inner loop when the batch's total loss stopped
         decreasing (checked every max_iterations // 10 iterations: one host sync each).
-    Where the reference crashes: max_iterations < 10 with abort_early (a modulo by zero);
-    fastadv then checks every iteration. Unlike the reference, the model parameters' .grad
+    Where the reference crashes: max_iterations < 10 with abort_early (a modulo by zero):
+    fastadv then checks every iteration; fp16/bf16 images (its shrinkage turns them into
+    fp32): fastadv keeps the images' dtype. Unlike the reference, the model parameters' .grad
     are never written.
 
     Arguments:
