@@ -88,6 +88,14 @@ ATTACKS = {
         # fastadv.AutoAttack is the original's; torchattacks' AutoAttack runs other settings
         references=("pyautoattack",), heavy=True,
     ),
+    # EAD without abort_early, so that its work is a fixed count: per iteration one gradient
+    # (at y) and one forward (at x). JSMA and SparseFool run image by image in both libraries.
+    "EADL1": AttackSpec(lambda s, c, e: dict(binary_search_steps=3, max_iterations=s, abort_early=False),
+                        grads=lambda s, c: 3 * s, forwards=lambda s, c: 3 * s),
+    "EADEN": AttackSpec(lambda s, c, e: dict(binary_search_steps=3, max_iterations=s, abort_early=False),
+                        grads=lambda s, c: 3 * s, forwards=lambda s, c: 3 * s),
+    "JSMA": AttackSpec(lambda s, c, e: dict(theta=1.0, gamma=0.1), heavy=True),
+    "SparseFool": AttackSpec(lambda s, c, e: dict(steps=s, lam=3, overshoot=0.02), heavy=True),
 }
 
 
