@@ -45,6 +45,10 @@ CALLS = [
     lambda m, x, y: F.pgd(m, x, y, steps=2),
     lambda m, x, y: F.fgsm(m, x, y),
     lambda m, x, y: F.pgdl2(m, x, y, steps=2),
+    lambda m, x, y: fastadv.EADL1(m, binary_search_steps=1, max_iterations=2)(x, y),
+    lambda m, x, y: F.eaden(m, x, y, binary_search_steps=1, max_iterations=2),
+    lambda m, x, y: fastadv.JSMA(m, gamma=0.05)(x, y),
+    lambda m, x, y: F.sparsefool(m, x, y, steps=1),
 ]
 
 
