@@ -84,7 +84,9 @@ def ead_loop(forward, x, y, *, kappa=0, lr=0.01, binary_search_steps=9, max_iter
     y are the true labels, or the targets when targeted. Gradients are taken with
     respect to the iterate only (model parameters' .grad are never written). Host
     syncs: one loss comparison every max(max_iterations // 10, 1) iterations when
-    abort_early (the reference's early abort, decided for the whole batch).
+    abort_early (the reference's early abort, decided for the whole batch). On the CPU
+    the best iterates are copied by boolean mask (no device there to stall; only improved
+    rows are copied), elsewhere by a select.
     """
     fmt = validation.memory_format(x)
     x = x.contiguous()
@@ -148,7 +150,10 @@ def ead_loop(forward, x, y, *, kappa=0, lr=0.01, binary_search_steps=9, max_iter
             best_score = torch.where(mask, label, best_score)
             mask = (dist < o_best_dist) & hit
             o_best_dist = torch.where(mask, dist, o_best_dist)
-            best_adv = torch.where(mask.view(sample), x_k, best_adv)
+            if dev.type == "cpu":  # syncs cost nothing here: copy only the improved rows
+                best_adv[mask] = x_k[mask]
+            else:
+                best_adv = torch.where(mask.view(sample), x_k, best_adv)
 
         found = (best_score == y if targeted else best_score != y) & (best_score != -1)
         upper_bound = torch.where(found, torch.minimum(upper_bound, const), upper_bound)
