@@ -114,6 +114,14 @@ ATTACKS = {
     "VANILA": AttackSpec(lambda s, c, e: {}),
     # 16 directions, 2 forwards each (in batches of 8 copies of the batch): nb_iter=1 as the reference's default
     "SPSA": AttackSpec(lambda s, c, e: dict(eps=e, nb_iter=1, nb_sample=16, max_batch_size=8), forwards=lambda s, c: 32),
+    # EAD without abort_early, so that its work is a fixed count: per iteration one gradient
+    # (at y) and one forward (at x). JSMA and SparseFool run image by image in both libraries.
+    "EADL1": AttackSpec(lambda s, c, e: dict(binary_search_steps=3, max_iterations=s, abort_early=False),
+                        grads=lambda s, c: 3 * s, forwards=lambda s, c: 3 * s),
+    "EADEN": AttackSpec(lambda s, c, e: dict(binary_search_steps=3, max_iterations=s, abort_early=False),
+                        grads=lambda s, c: 3 * s, forwards=lambda s, c: 3 * s),
+    "JSMA": AttackSpec(lambda s, c, e: dict(theta=1.0, gamma=0.1), heavy=True),
+    "SparseFool": AttackSpec(lambda s, c, e: dict(steps=s, lam=3, overshoot=0.02), heavy=True),
 }
 
 

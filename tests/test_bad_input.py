@@ -57,6 +57,10 @@ CALLS = [
     lambda m, x, y: F.pifgsm(m, x, y, num_iter_set=2),
     lambda m, x, y: fastadv.PGDRS(m, steps=2)(x, y),
     lambda m, x, y: F.spsa(m, x, y, nb_sample=4),
+    lambda m, x, y: fastadv.EADL1(m, binary_search_steps=1, max_iterations=2)(x, y),
+    lambda m, x, y: F.eaden(m, x, y, binary_search_steps=1, max_iterations=2),
+    lambda m, x, y: fastadv.JSMA(m, gamma=0.05)(x, y),
+    lambda m, x, y: F.sparsefool(m, x, y, steps=1),
 ]
 
 

@@ -38,6 +38,10 @@ REGISTRY = {
     "GN": ("gn", "gn"),
     "VANILA": ("vanila", "vanila"),
     "SPSA": ("spsa", "spsa"),
+    "EADL1": ("ead", "eadl1"),
+    "EADEN": ("ead", "eaden"),
+    "JSMA": ("jsma", "jsma"),
+    "SparseFool": ("sparsefool", "sparsefool"),
 }
 FUNCTIONS = {fn: (module, fn) for module, fn in REGISTRY.values()}
 
