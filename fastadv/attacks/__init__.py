@@ -22,6 +22,7 @@ REGISTRY = {
     "Square": ("square", "square"),
     "MultiAttack": ("multiattack", "multiattack"),
     "AutoAttack": ("autoattack", "autoattack"),
+    "OnePixel": ("onepixel", "onepixel"),
 }
 FUNCTIONS = {fn: (module, fn) for module, fn in REGISTRY.values()}
 
