@@ -23,6 +23,7 @@ REGISTRY = {
     "MultiAttack": ("multiattack", "multiattack"),
     "AutoAttack": ("autoattack", "autoattack"),
     "OnePixel": ("onepixel", "onepixel"),
+    "Pixle": ("pixle", "pixle"),
 }
 FUNCTIONS = {fn: (module, fn) for module, fn in REGISTRY.values()}
 
