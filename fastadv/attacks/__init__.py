@@ -24,6 +24,7 @@ REGISTRY = {
     "AutoAttack": ("autoattack", "autoattack"),
     "OnePixel": ("onepixel", "onepixel"),
     "Pixle": ("pixle", "pixle"),
+    "LGV": ("lgv", "lgv"),
 }
 FUNCTIONS = {fn: (module, fn) for module, fn in REGISTRY.values()}
 
