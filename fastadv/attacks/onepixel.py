@@ -25,6 +25,14 @@ def check_onepixel_args(pixels, steps, popsize, inf_batch):
                                                    (inf_batch, "inf_batch")))
 
 
+def check_model_output(logits, labels):
+    """The model's logits for candidates of one image must be [M, C], and every label of
+    the batch in [0, C) (checked once per call, on the first evaluation)."""
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] >= 1:
+        logits = logits[:1].expand(labels.shape[0], -1)
+    check_logits(logits, labels)
+
+
 def set_pixels(image: torch.Tensor, params: np.ndarray, pixels: int) -> torch.Tensor:
     """Copies of image [1, C, H, W], one per row of params [M, pixels * (2 + C)]: each
     pixel's (row, column, value per channel), written pixel after pixel so that a later
@@ -63,11 +71,11 @@ def onepixel_loop(forward, x, y, *, pixels=1, steps=10, popsize=10, inf_batch=12
 
     def probabilities(images):
         with torch.no_grad():
-            logits = torch.cat([forward(b) for b in torch.split(images, inf_batch)])
+            outs = [forward(b) for b in torch.split(images, inf_batch)]
         if not checked:
-            check_logits(logits, y[:1].expand(logits.shape[0]))
+            check_model_output(outs[0], y)
             checked.append(True)
-        return torch.softmax(logits, dim=1).cpu().numpy()
+        return torch.softmax(torch.cat(outs), dim=1).cpu().numpy()
 
     advs = []
     for i in range(x.shape[0]):

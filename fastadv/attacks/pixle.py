@@ -5,9 +5,8 @@ import numpy as np
 import torch
 
 from fastadv.attack import Attack
-from fastadv.attacks.onepixel import check_count
+from fastadv.attacks.onepixel import check_count, check_model_output
 from fastadv.engine import EXACT, run_functional
-from fastadv.validation import check_logits
 
 PIXEL_MAPPINGS = ("random", "similarity", "similarity_random", "distance", "distance_random")
 
@@ -119,7 +118,7 @@ def pixle_loop(forward, x, y, *, x_dimensions=(2, 10), y_dimensions=(2, 10), pix
         with torch.no_grad():
             logits = forward(image)
         if not checked:
-            check_logits(logits, y[:1])
+            check_model_output(logits, y)
             checked.append(True)
         return torch.softmax(logits, dim=1).cpu().numpy()[0]
 
