@@ -45,6 +45,10 @@ CALLS = [
     lambda m, x, y: F.pgd(m, x, y, steps=2),
     lambda m, x, y: F.fgsm(m, x, y),
     lambda m, x, y: F.pgdl2(m, x, y, steps=2),
+    lambda m, x, y: fastadv.OnePixel(m, steps=1)(x, y),
+    lambda m, x, y: fastadv.Pixle(m, restarts=1, max_iterations=1)(x, y),
+    lambda m, x, y: F.onepixel(m, x, y, steps=1),
+    lambda m, x, y: F.pixle(m, x, y, restarts=1, max_iterations=1),
 ]
 
 

@@ -7,6 +7,7 @@
 - LGV trains copies of the model from a loader: with the same torch and Python seeds
   and the same attack class on each side, the collected models and the outputs are
   equal (on a slice of the digits train set, one or two epochs: seconds).
+- Bad images and labels: tests/test_bad_input.py's CALLS include OnePixel and Pixle.
 - Where the reference fails (Pixle on non-square images and update_each_iteration
   with a batch; LGV targeted by label), fastadv works; checked here.
 """
@@ -27,21 +28,9 @@ from fastadv.attacks.lgv import LightEnsemble
 from fastadv.evolution import differential_evolution
 from fastadv.models import SmallCNN
 from helpers import assert_equal
-from test_bad_input import IMAGE_CASES, LABEL_CASES
+from test_zoo_linf import set_mode
 
 MODES = ["random", "least_likely", "label", "function"]
-
-
-def set_mode(atk, mode):
-    if mode == "random":
-        atk.set_mode_targeted_random(quiet=True)
-    elif mode == "least_likely":
-        atk.set_mode_targeted_least_likely(kth_min=2, quiet=True)
-    elif mode == "label":
-        atk.set_mode_targeted_by_label(quiet=True)
-    elif mode == "function":
-        atk.set_mode_targeted_by_function(lambda images, labels: (labels + 3) % 10, quiet=True)
-    return atk
 
 
 def run(lib, name, model, x, y, kwargs, mode=None, seed=1):
@@ -376,38 +365,10 @@ def test_lgv_keeps_frozen_parameters_frozen(loader, small):
     assert not torch.equal(atk.list_models[0].head.bias, model.head.bias)
 
 
-CALLS = [
-    lambda m, x, y: fastadv.OnePixel(m, steps=1)(x, y),
-    lambda m, x, y: fastadv.Pixle(m, restarts=1, max_iterations=1)(x, y),
-    lambda m, x, y: F.onepixel(m, x, y, steps=1),
-    lambda m, x, y: F.pixle(m, x, y, restarts=1, max_iterations=1),
-]
-
-
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
     return SmallCNN().eval(), torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-
-
-@pytest.mark.parametrize("call", CALLS)
-@pytest.mark.parametrize("bad,exc,match", IMAGE_CASES)
-def test_bad_images(setup, call, bad, exc, match):
-    model, x, y = setup
-    xb = bad(x)
-    before = xb.clone() if isinstance(xb, torch.Tensor) else None
-    with pytest.raises(exc, match=match):
-        call(model, xb, y)
-    if before is not None:
-        assert torch.equal(xb, before) or torch.isnan(before).any()
-
-
-@pytest.mark.parametrize("call", CALLS)
-@pytest.mark.parametrize("bad,exc,match", LABEL_CASES)
-def test_bad_labels(setup, call, bad, exc, match):
-    model, x, y = setup
-    with pytest.raises(exc, match=match):
-        call(model, x, bad(y))
 
 
 BAD_ARGS = [

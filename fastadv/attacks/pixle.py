@@ -131,12 +131,12 @@ def pixle_loop(forward, x, y, *, x_dimensions=(2, 10), y_dimensions=(2, 10), pix
         pred = np.argmax(prob)
         return loss, (pred == label if targeted else pred != label)
 
-    search = restart_search if not update_each_iteration else greedy_search
+    rounds = 1 if update_each_iteration else restarts
     advs = []
     for i in range(x.shape[0]):
-        image = x[i:i + 1]
-        patches = PatchSearch(image, x_bounds, y_bounds, pixel_mapping)
-        advs.append(search(patches, lambda img, label=int(y[i]): evaluate(img, label), restarts, max_iterations))
+        patches = PatchSearch(x[i:i + 1], x_bounds, y_bounds, pixel_mapping)
+        advs.append(patch_search(patches, lambda img, label=int(y[i]): evaluate(img, label), rounds, max_iterations,
+                                 greedy=update_each_iteration))
     return torch.cat(advs)
 
 
@@ -146,35 +146,26 @@ def candidate(patches, current):
     return patches.move(x, y, x_side, y_side, first, second, current)
 
 
-def restart_search(patches, evaluate, restarts, max_iterations):
-    """torchattacks' restart_forward: each restart moves patches onto the best image so
-    far; a restart without improvement continues from its last candidate."""
+def patch_search(patches, evaluate, rounds, max_iterations, greedy):
+    """torchattacks' restart_forward (greedy False): each of `rounds` rounds moves patches
+    onto the best image of the rounds before (a round without improvement: onto its
+    last candidate); and its iterative_forward (greedy True, one round): every
+    improvement becomes the image the next patch moves onto. Returns the first
+    candidate that fools the model, else the best image."""
     best_image, best_solution = patches.image.clone(), None
     best_loss, _ = evaluate(patches.image)
-    for _ in range(restarts):
+    for _ in range(rounds):
         for _ in range(max_iterations):
             pert = candidate(patches, best_image)
             loss, fooled = evaluate(pert)
             if loss < best_loss:
                 best_loss, best_solution = loss, pert
+                if greedy:
+                    best_image = pert
             if fooled:
                 return pert
-        best_image = pert if best_solution is None else best_solution
-    return best_image
-
-
-def greedy_search(patches, evaluate, restarts, max_iterations):
-    """torchattacks' iterative_forward (update_each_iteration=True): every improvement
-    becomes the image the next patch moves onto; restarts are not used."""
-    best_image = patches.image.clone()
-    best_loss, _ = evaluate(patches.image)
-    for _ in range(max_iterations):
-        pert = candidate(patches, best_image)
-        loss, fooled = evaluate(pert)
-        if loss < best_loss:
-            best_loss, best_image = loss, pert
-        if fooled:
-            return pert
+        if not greedy:
+            best_image = pert if best_solution is None else best_solution
     return best_image
 
 
