@@ -406,3 +406,43 @@ def test_pixle_patch_range_too_small_for_image(setup):
     model, x, y = setup
     with pytest.raises(ValueError, match="x_dimensions"):
         fastadv.Pixle(model, x_dimensions=(20, 0.5))(x, y)  # (20, 4) pixels on 8-pixel sides
+
+
+# -- dtypes, layouts, stochastic models ----------------------------------------------------
+
+SEARCHES = [("OnePixel", dict(steps=4)), ("Pixle", dict(restarts=3, max_iterations=3)),
+            ("Pixle", dict(restarts=2, max_iterations=3, pixel_mapping="similarity_random"))]
+
+
+@pytest.fixture
+def dropout_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
+    return model, torch.rand(5, 3, 4, 4), torch.randint(0, 10, (5,))
+
+
+@pytest.mark.parametrize("name,kwargs", SEARCHES)
+def test_search_dtypes_layouts_and_dropout(name, kwargs, dropout_model):
+    """fp16 and channels_last equal the reference; with dropout active (set_model_training_mode)
+    every model call the reference makes is made, in its order; bf16, where the reference
+    fails (numpy has no bf16), runs."""
+    base, x, y = dropout_model
+
+    def both_libs(model, xs, setup=lambda atk: atk):
+        outs = []
+        for lib in (torchattacks, fastadv):
+            atk = setup(getattr(lib, name)(model, **kwargs))
+            np.random.seed(0)
+            torch.manual_seed(0)
+            outs.append(atk(xs if lib is torchattacks else xs.contiguous(memory_format=torch.channels_last), y))
+        return outs
+
+    assert_equal(*both_libs(base.eval(), x), f"{name} channels_last")
+    train = both_libs(base, x, lambda atk: atk.set_model_training_mode(model_training=True, dropout_training=True) or atk)
+    assert_equal(*train, f"{name} dropout")
+    half = both_libs(base.half().eval(), x.half())
+    assert half[1].dtype == torch.float16
+    assert_equal(*half, f"{name} fp16")
+    np.random.seed(0)
+    adv = getattr(fastadv, name)(base.bfloat16(), **kwargs)(x.bfloat16(), y)
+    assert adv.dtype == torch.bfloat16 and adv.shape == x.shape

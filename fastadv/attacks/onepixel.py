@@ -33,6 +33,11 @@ def check_model_output(logits, labels):
     check_logits(logits, labels)
 
 
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """t as a numpy array on the host; bfloat16 (which numpy lacks, so the reference fails) as float32."""
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
+
+
 def set_pixels(image: torch.Tensor, params: np.ndarray, pixels: int) -> torch.Tensor:
     """Copies of image [1, C, H, W], one per row of params [M, pixels * (2 + C)]: each
     pixel's (row, column, value per channel), written pixel after pixel so that a later
@@ -75,7 +80,7 @@ def onepixel_loop(forward, x, y, *, pixels=1, steps=10, popsize=10, inf_batch=12
         if not checked:
             check_model_output(outs[0], y)
             checked.append(True)
-        return torch.softmax(torch.cat(outs), dim=1).cpu().numpy()
+        return host_array(torch.softmax(torch.cat(outs), dim=1))
 
     advs = []
     for i in range(x.shape[0]):

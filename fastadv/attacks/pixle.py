@@ -1,11 +1,12 @@
 """Pixle (Pomponi et al., 2022): random search that moves patches of pixels elsewhere in the image. L0."""
+import functools
 import numbers
 
 import numpy as np
 import torch
 
 from fastadv.attack import Attack
-from fastadv.attacks.onepixel import check_count, check_model_output
+from fastadv.attacks.onepixel import check_count, check_model_output, host_array
 from fastadv.engine import EXACT, run_functional
 
 PIXEL_MAPPINGS = ("random", "similarity", "similarity_random", "distance", "distance_random")
@@ -71,10 +72,12 @@ class PatchSearch:
         cols = torch.arange(x, x + x_side).repeat(y_side)
         pixels = self.image[0][:, rows, cols].T[:, :, None, None]  # [K, C, 1, 1]
         diff = (current - pixels).abs().mean(1).flatten(1)  # [K, H * W]
+        if diff.dtype == torch.bfloat16:  # numpy lacks bf16 (the reference fails), and the weights must sum to 1
+            diff = diff.float()
         if "similarity" in self.mapping:
             diff = 1 / (1 + diff)
             diff[diff == 1] = 0
-        probs = torch.softmax(diff, 1).cpu().numpy()
+        probs = host_array(torch.softmax(diff, 1))
         own = (rows * self.w + cols).tolist()
         first, second = [], []
         for k, p in enumerate(probs):
@@ -120,12 +123,14 @@ def pixle_loop(forward, x, y, *, x_dimensions=(2, 10), y_dimensions=(2, 10), pix
         if not checked:
             check_model_output(logits, y)
             checked.append(True)
-        return torch.softmax(logits, dim=1).cpu().numpy()[0]
+        return host_array(torch.softmax(logits, dim=1))[0]
 
-    def evaluate(image, label):
+    def evaluate(image, label, success=True):
         """(loss, fooled) of one candidate: the label's probability (1 - the target's)."""
         prob = probabilities(image)
         loss = 1 - prob[label] if targeted else prob[label]
+        if not success:
+            return loss, None
         if not deterministic:
             prob = probabilities(image)
         pred = np.argmax(prob)
@@ -135,8 +140,8 @@ def pixle_loop(forward, x, y, *, x_dimensions=(2, 10), y_dimensions=(2, 10), pix
     advs = []
     for i in range(x.shape[0]):
         patches = PatchSearch(x[i:i + 1], x_bounds, y_bounds, pixel_mapping)
-        advs.append(patch_search(patches, lambda img, label=int(y[i]): evaluate(img, label), rounds, max_iterations,
-                                 greedy=update_each_iteration))
+        evaluate_image = functools.partial(evaluate, label=int(y[i]))
+        advs.append(patch_search(patches, evaluate_image, rounds, max_iterations, greedy=update_each_iteration))
     return torch.cat(advs)
 
 
@@ -153,7 +158,7 @@ def patch_search(patches, evaluate, rounds, max_iterations, greedy):
     improvement becomes the image the next patch moves onto. Returns the first
     candidate that fools the model, else the best image."""
     best_image, best_solution = patches.image.clone(), None
-    best_loss, _ = evaluate(patches.image)
+    best_loss, _ = evaluate(patches.image, success=False)
     for _ in range(rounds):
         for _ in range(max_iterations):
             pert = candidate(patches, best_image)
