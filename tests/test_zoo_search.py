@@ -73,14 +73,20 @@ def test_evolution_equals_torchattacks_solver(recombination, popmul, n_params):
         func=energies, bounds=bounds, maxiter=12, popsize=popmul, init="random", recombination=recombination,
         atol=-1, polish=False, callback=lambda x, convergence: asked["ref"].append(x.copy()) or len(asked["ref"]) == 9,
     ).x
+    flags = []
+
+    def stop(best, changed):
+        asked["ours"].append(best.copy())
+        flags.append(changed)
+        return len(asked["ours"]) == 9
+
     np.random.seed(5)
-    actual = differential_evolution(
-        energies, bounds, maxiter=12, popmul=popmul, recombination=recombination,
-        stop=lambda best, changed: asked["ours"].append(best.copy()) or len(asked["ours"]) == 9,
-    )
+    actual = differential_evolution(energies, bounds, maxiter=12, popmul=popmul, recombination=recombination, stop=stop)
     assert np.array_equal(actual, expected)
     assert len(asked["ours"]) == len(asked["ref"]) == 9
     assert all(np.array_equal(a, b) for a, b in zip(asked["ours"], asked["ref"]))
+    # changed: whether the best member differs from the one stop was last asked about
+    assert flags == [True] + [not np.array_equal(a, b) for a, b in zip(asked["ours"][1:], asked["ours"])]
     np.random.seed(5)
     reference_de(func=energies, bounds=bounds, maxiter=3, popsize=popmul, init="random",
                  recombination=recombination, atol=-1, polish=False)
