@@ -291,6 +291,27 @@ def test_lgv_targeted_by_label_and_function(mode, trained_models, loader, small)
     assert_equal(atk(x, y), expected)
 
 
+class Normalize(nn.Module):
+    def forward(self, x):
+        return (x - 0.5) / 0.25
+
+
+def test_lgv_inherits_normalization(trained_models, loader, small):
+    """With set_normalization_used, LGV trains and attacks as on a model that normalizes
+    itself (exact here: digits are multiples of 1/16, so the round trip is exact). The
+    reference's attack does not get the normalization (and fails on the second call)."""
+    x, y = small
+    model = trained_models["mlp"]
+    kwargs = dict(epochs=1, nb_models_epoch=2, attack_class=fastadv.PGD, steps=3)
+    _, expected = lgv_run(fastadv, nn.Sequential(Normalize(), model), loader, x, y, kwargs)
+    torch.manual_seed(1)
+    random.seed(2)
+    atk = fastadv.LGV(model, loader, verbose=False, **kwargs)
+    atk.set_normalization_used([0.5], [0.25])
+    actual = torch.cat([atk((x - 0.5) / 0.25, y) for _ in range(2)])
+    assert_equal(actual, (expected - 0.5) / 0.25, "LGV normalized")
+
+
 def test_lgv_save_load_and_no_loader(model, loader, small, tmp_path):
     x, y = small
     kwargs = dict(epochs=1, nb_models_epoch=2, attack_class=fastadv.PGD, steps=2, verbose=False)
