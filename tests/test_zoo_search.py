@@ -95,7 +95,8 @@ def test_evolution_equals_torchattacks_solver(recombination, popmul, n_params):
     differential_evolution(energies, bounds, maxiter=3, popmul=popmul, recombination=recombination,
                            stop=lambda best, changed: False)
     after_ours = np.random.get_state()
-    assert after_ours[2] == after_ref[2] and np.array_equal(after_ours[1], after_ref[1]), "numpy RNG consumed differently"
+    same_state = after_ours[2] == after_ref[2] and np.array_equal(after_ours[1], after_ref[1])
+    assert same_state, "numpy RNG consumed differently"
 
 
 # -- OnePixel -----------------------------------------------------------------------------
@@ -244,20 +245,27 @@ def lgv_run(lib, model, loader, x, y, kwargs, mode=None, calls=2):
     return atk, torch.cat([atk(x, y) for _ in range(calls)])
 
 
-LGV_CONFIGS = [
-    dict(epochs=1, nb_models_epoch=2, attack="PGD"),
-    dict(epochs=2, nb_models_epoch=3, lr=0.01, wd=1e-3, n_grad=2, attack="PGD", eps=0.1, steps=3, random_start=False),
-    dict(epochs=1, nb_models_epoch=2, n_grad=-1, attack="FGSM", eps=0.1),
+LGV_CASES = [  # (config, targeted mode): every mode on the first config, the others untargeted
+    *[(dict(epochs=1, nb_models_epoch=2, attack="PGD"), mode) for mode in (None, "random", "least_likely")],
+    (dict(epochs=2, nb_models_epoch=3, lr=0.01, wd=1e-3, n_grad=2, attack="PGD", eps=0.1, steps=3,
+          random_start=False), None),
+    (dict(epochs=1, nb_models_epoch=2, n_grad=-1, attack="FGSM", eps=0.1), None),
 ]
 
 
-@pytest.mark.parametrize("config", LGV_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-@pytest.mark.parametrize("mode", [None, "random", "least_likely"])
+def lgv_case_id(case):
+    config, mode = case
+    return "-".join(f"{k}={v}" for k, v in config.items()) + f"-{mode or 'untargeted'}"
+
+
+@pytest.mark.parametrize("config,mode", LGV_CASES, ids=[lgv_case_id(c) for c in LGV_CASES])
 def test_lgv_equals_torchattacks(config, mode, model, loader, small):
     x, y = small
     kwargs = {k: v for k, v in config.items() if k != "attack"}
-    ref, expected = lgv_run(torchattacks, model, loader, x, y, {**kwargs, "attack_class": getattr(torchattacks, config["attack"])}, mode)
-    ours, actual = lgv_run(fastadv, model, loader, x, y, {**kwargs, "attack_class": getattr(fastadv, config["attack"])}, mode)
+    ref, expected = lgv_run(torchattacks, model, loader, x, y,
+                            {**kwargs, "attack_class": getattr(torchattacks, config["attack"])}, mode)
+    ours, actual = lgv_run(fastadv, model, loader, x, y,
+                           {**kwargs, "attack_class": getattr(fastadv, config["attack"])}, mode)
     assert_equal(actual, expected, f"LGV {config} {mode}")
     assert len(ours.list_models) == len(ref.list_models) == config["epochs"] * config["nb_models_epoch"]
     for m_ours, m_ref in zip(ours.list_models, ref.list_models):
@@ -465,7 +473,11 @@ def test_search_dtypes_layouts_and_dropout(name, kwargs, dropout_model):
         return outs
 
     assert_equal(*both_libs(base.eval(), x), f"{name} channels_last")
-    train = both_libs(base, x, lambda atk: atk.set_model_training_mode(model_training=True, dropout_training=True) or atk)
+    def dropout_on(atk):
+        atk.set_model_training_mode(model_training=True, dropout_training=True)
+        return atk
+
+    train = both_libs(base, x, dropout_on)
     assert_equal(*train, f"{name} dropout")
     half = both_libs(base.half().eval(), x.half())
     assert half[1].dtype == torch.float16

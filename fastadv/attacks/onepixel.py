@@ -4,7 +4,6 @@ import numbers
 import numpy as np
 import torch
 
-from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, run_functional
 from fastadv.evolution import differential_evolution
