@@ -40,6 +40,7 @@ import inspect
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -122,6 +123,9 @@ ATTACKS = {
                         grads=lambda s, c: 3 * s, forwards=lambda s, c: 3 * s),
     "JSMA": AttackSpec(lambda s, c, e: dict(theta=1.0, gamma=0.1), heavy=True),
     "SparseFool": AttackSpec(lambda s, c, e: dict(steps=s, lam=3, overshoot=0.02), heavy=True),
+    # Searches on the host, one image at a time (draws from numpy's RNG): heavy, run them with a small --batch.
+    "OnePixel": AttackSpec(lambda s, c, e: dict(pixels=1, steps=s, popsize=10, inf_batch=128), heavy=True),
+    "Pixle": AttackSpec(lambda s, c, e: dict(restarts=s, max_iterations=10), heavy=True),
 }
 
 
@@ -260,6 +264,7 @@ def floor_call(model, x, y, *, grads, forwards, mode_kw, device):
 def seeded(fn, seed):
     def run():
         torch.manual_seed(seed)  # seeds every device's generator
+        np.random.seed(seed)  # OnePixel and Pixle draw from numpy's global RNG
         return fn()
 
     return run
@@ -470,8 +475,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default=None, help=f"comma list of {sorted(bench_models.MODELS)} "
                    "(default: smallcnn,linear,digits-cnn,robust-resnet18 with --quick or on CPU; all on CUDA)")
+    heavy = "/".join(a for a, spec in ATTACKS.items() if spec.heavy)
     p.add_argument("--attacks", default=None, help=f"comma list of {list(ATTACKS)}, or 'all' (the heavy "
-                   "DeepFool/AutoAttack too); default: every non-heavy attack fastadv has on small models, "
+                   f"{heavy} too); default: every non-heavy attack fastadv has on small models, "
                    "PGD and PGDL2 on the others")
     p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
     p.add_argument("--steps", type=int, default=10)

@@ -61,6 +61,10 @@ CALLS = [
     lambda m, x, y: F.eaden(m, x, y, binary_search_steps=1, max_iterations=2),
     lambda m, x, y: fastadv.JSMA(m, gamma=0.05)(x, y),
     lambda m, x, y: F.sparsefool(m, x, y, steps=1),
+    lambda m, x, y: fastadv.OnePixel(m, steps=1)(x, y),
+    lambda m, x, y: fastadv.Pixle(m, restarts=1, max_iterations=1)(x, y),
+    lambda m, x, y: F.onepixel(m, x, y, steps=1),
+    lambda m, x, y: F.pixle(m, x, y, restarts=1, max_iterations=1),
 ]
 
 

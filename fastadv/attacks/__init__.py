@@ -42,6 +42,9 @@ REGISTRY = {
     "EADEN": ("ead", "eaden"),
     "JSMA": ("jsma", "jsma"),
     "SparseFool": ("sparsefool", "sparsefool"),
+    "OnePixel": ("onepixel", "onepixel"),
+    "Pixle": ("pixle", "pixle"),
+    "LGV": ("lgv", "lgv"),
 }
 FUNCTIONS = {fn: (module, fn) for module, fn in REGISTRY.values()}
 
