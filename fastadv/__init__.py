@@ -1,13 +1,23 @@
 """fastadv: adversarial attacks for PyTorch on fused Triton kernels.
 
 A drop-in for torchattacks 3.5.1: same classes, signatures and results
-(``import fastadv as torchattacks``). Attack classes load on first use.
+(``import fastadv as torchattacks``, or ``fastadv.install_as_torchattacks()`` before
+code that imports torchattacks). Attack classes load on first use.
 """
 from fastadv import functional
 from fastadv.attack import Attack
 from fastadv.attacks import REGISTRY, resolve
 
 __version__ = "0.1.0"
+# As torchattacks lists them: the attacks that wrap other attacks or models.
+__wrapper__ = ["LGV", "MultiAttack"]
+
+
+def install_as_torchattacks():
+    """Make ``import torchattacks`` and its submodules resolve to fastadv; see fastadv.compat."""
+    from fastadv.compat import install_as_torchattacks as install
+
+    return install()
 
 
 def __getattr__(name):
@@ -25,4 +35,4 @@ def __dir__():
     return sorted([*globals(), *REGISTRY, "fit", "evaluate"])
 
 
-__all__ = ["Attack", "functional", "__version__", "fit", "evaluate", *REGISTRY]
+__all__ = ["Attack", "functional", "install_as_torchattacks", "__version__", "__wrapper__", "fit", "evaluate", *REGISTRY]

@@ -5,11 +5,17 @@ restoring it after), input normalization, targeted modes, input validation and
 the backend switch. Subclasses implement ``forward(images, labels)`` on inputs
 already in [0, 1] space and on the model's device.
 """
+import dataclasses
+import inspect
+import warnings
+
 import torch
 
-from fastadv import validation
+from fastadv import saving, validation
 from fastadv.engine import EngineOptions, finite_or_clean, model_device, model_guard
 from fastadv.loop import chunked
+
+ENGINE_KEYWORDS = tuple(f.name for f in dataclasses.fields(EngineOptions))
 
 
 def _propagate(method):
@@ -40,21 +46,40 @@ class Attack:
     """
 
     def __init__(self, name, model, backend=None, **engine):
+        self._check_keywords(engine)
         self.attack = name
         self._attacks = {}
         self.set_model(model)
         self.device = model_device(model, None)
-        self.backend = backend
-        self.engine = EngineOptions(**engine)
         self.attack_mode = "default"
         self.supported_mode = ["default"]
         self.targeted = False
         self._target_map_function = None
         self.normalization_used = None
         self._normalization_applied = None
+        self._return_type = "float"
+        if type(model).__name__ == "RobModel":  # MAIR's wrapper carries its normalization, as torchattacks reads it
+            self._set_rmodel_normalization_used(model)
         self._model_training = False
         self._batchnorm_training = False
         self._dropout_training = False
+        # After the reference's attributes, so that repr lists them in the reference's order.
+        self.backend = backend
+        self.engine = EngineOptions(**engine)
+
+    def _check_keywords(self, engine):
+        """An unknown keyword names the attack and what it accepts (not EngineOptions)."""
+        unknown = [k for k in engine if k not in ENGINE_KEYWORDS]
+        if not unknown:
+            return
+        cls = type(self)
+        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model")]
+        own = [p for p in params if inspect.signature(cls.__init__).parameters[p].kind
+               not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+        raise TypeError(
+            f"{cls.__name__}() got an unexpected keyword argument {unknown[0]!r}; "
+            f"it accepts {', '.join(own)} and the engine options {', '.join(ENGINE_KEYWORDS)}"
+        )
 
     def forward(self, images, labels=None, *args, **kwargs):
         raise NotImplementedError
@@ -70,7 +95,8 @@ class Attack:
 
     @_propagate
     def set_device(self, device):
-        self.device = torch.device(device) if device is not None else None
+        """The device the attack runs on; stored as given, as torchattacks does."""
+        self.device = device
 
     @_propagate
     def set_backend(self, backend):
@@ -102,6 +128,17 @@ class Attack:
         self._set_normalization_applied(True)
 
     @_propagate
+    def _set_rmodel_normalization_used(self, model):
+        """MAIR's RobModel: its mean and std, unless they are the identity (0 and 1)."""
+        mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+        if mean is None or std is None:
+            return
+        mean = torch.as_tensor(mean, dtype=torch.float32).detach().cpu().flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).detach().cpu().flatten()
+        if (mean != 0).all() or (std != 1).all():
+            self.set_normalization_used(mean.tolist(), std.tolist())
+
+    @_propagate
     def _set_normalization_applied(self, flag):
         self._normalization_applied = flag
 
@@ -128,6 +165,36 @@ class Attack:
         self._model_training = model_training
         self._batchnorm_training = batchnorm_training
         self._dropout_training = dropout_training
+
+    # -- names of older torchattacks releases, still in public code ---------------------
+
+    def set_training_mode(self, model_training=False, batchnorm_training=False, dropout_training=False):
+        """torchattacks < 3.5's name of set_model_training_mode."""
+        warnings.warn("set_training_mode is set_model_training_mode since torchattacks 3.5", DeprecationWarning, 2)
+        self.set_model_training_mode(model_training, batchnorm_training, dropout_training)
+
+    def set_mode_targeted(self, target_map_function=None, quiet=True):
+        """torchattacks < 3.4: targeted by function, or by the given labels when None."""
+        warnings.warn("set_mode_targeted is set_mode_targeted_by_function / _by_label since torchattacks 3.4",
+                      DeprecationWarning, 2)
+        if target_map_function is None:
+            self.set_mode_targeted_by_label(quiet=quiet)
+        else:
+            self.set_mode_targeted_by_function(target_map_function, quiet=quiet)
+
+    def set_mode_least_likely(self, kth_min=1, quiet=True):
+        """torchattacks < 3.4's name of set_mode_targeted_least_likely."""
+        warnings.warn("set_mode_least_likely is set_mode_targeted_least_likely since torchattacks 3.4",
+                      DeprecationWarning, 2)
+        self.set_mode_targeted_least_likely(kth_min, quiet=quiet)
+
+    @_propagate
+    def set_return_type(self, type):
+        """torchattacks < 3.5: 'int' returns uint8 images, (x * 255) truncated; 'float' (default) as they are."""
+        if type not in ("float", "int"):
+            raise ValueError(f"{type} is not a valid type. [Options: float, int]")
+        warnings.warn("set_return_type was removed in torchattacks 3.5 (use Attack.to_type)", DeprecationWarning, 2)
+        self._return_type = type
 
     # -- targeted modes ------------------------------------------------------------------
 
@@ -225,6 +292,10 @@ class Attack:
         return self.device if self.device is not None else images.device
 
     def __call__(self, inputs, labels=None, *args, **kwargs):
+        adv = self._call(inputs, labels, *args, **kwargs)
+        return self.to_type(adv, "int") if self._return_type == "int" else adv
+
+    def _call(self, inputs, labels=None, *args, **kwargs):
         # Normalized inputs are range-checked after inverse normalization, below.
         validation.check_images(inputs, check_range=self._normalization_applied is not True)
         if labels is not None or self._needs_labels():
@@ -272,10 +343,43 @@ class Attack:
         """The labels the loss uses: the true ones, or the targets in targeted mode."""
         return self.get_target_label(images, labels) if self.targeted else labels
 
+    # -- saving adversarial data sets (torchattacks' save / load) ----------------------
+
+    def save(self, data_loader, save_path=None, verbose=True, return_verbose=False, save_predictions=False,
+             save_clean_inputs=False, save_type="float"):
+        """Attack every batch of data_loader; save the results as torchattacks does; see fastadv.saving.save."""
+        return saving.save(self, data_loader, save_path, verbose=verbose, return_verbose=return_verbose,
+                           save_predictions=save_predictions, save_clean_inputs=save_clean_inputs,
+                           save_type=save_type)
+
+    load = staticmethod(saving.load)
+    to_type = staticmethod(saving.to_type)
+
     def __repr__(self):
-        info = {k: v for k, v in self.__dict__.items() if not k.startswith("_") and k not in ("model", "attack", "supported_mode")}
+        """torchattacks' repr: the public attributes in the order the constructor sets them.
+
+        fastadv's own options (backend, engine, keyword-only constructor arguments such as
+        CW's margin) follow, and only where they differ from their defaults, so the same
+        arguments give the same text as torchattacks.
+        """
+        params = inspect.signature(type(self).__init__).parameters
+        own = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        info, extra = {}, {}
+        for k, v in self.__dict__.items():
+            if k.startswith("_") or k in ("model", "attack", "supported_mode", "backend", "engine"):
+                continue
+            if k in own:
+                if v != own[k]:
+                    extra[k] = v
+                continue
+            info[k] = v
         info["attack_mode"] = self.attack_mode
         info["normalization_used"] = self.normalization_used is not None
+        info.update(extra)
+        if self.backend is not None:
+            info["backend"] = self.backend
+        if self.engine != EngineOptions():
+            info["engine"] = self.engine
         return f"{self.attack}({', '.join(f'{k}={v}' for k, v in info.items())})"
 
     def __setattr__(self, name, value):

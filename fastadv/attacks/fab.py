@@ -486,15 +486,17 @@ class FAB(Attack):
         check_engine(self.engine)
         params = _check_params(norm, eps, steps, n_restarts, alpha_max, eta, beta, seed, n_classes)
         self.arithmetic = check_arithmetic(arithmetic)
+        # In torchattacks' order (its repr lists them so); target_class is its attribute too.
         self.norm = params["norm"]
-        self.eps = params["eps"]
-        self.steps = params["steps"]
         self.n_restarts = params["n_restarts"]
+        self.eps = params["eps"]
         self.alpha_max = params["alpha_max"]
         self.eta = params["eta"]
         self.beta = params["beta"]
-        self.seed = params["seed"]
+        self.steps = params["steps"]
         self.verbose = verbose
+        self.seed = params["seed"]
+        self.target_class = None
         self.multi_targeted = bool(multi_targeted)
         self.n_target_classes = params["n_target_classes"]
         self.supported_mode = ["default", "targeted"]

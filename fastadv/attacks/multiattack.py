@@ -109,11 +109,16 @@ class MultiAttack(Attack):
         self.attacks = list(attacks)
         self.verbose = verbose
         self.supported_mode = ["default"]
-        self.records = None
+        self._records = None
+
+    @property
+    def records(self):
+        """[N, robust after attack 1, ...] of the last call (None before the first)."""
+        return self._records
 
     def forward(self, images, labels):
         x, y = self._prepare(images, labels)
-        adv, self.records = multiattack_loop(self.get_logits, x, y, self.attacks, verbose=self.verbose)
+        adv, self._records = multiattack_loop(self.get_logits, x, y, self.attacks, verbose=self.verbose)
         return adv
 
     def success_rates(self):

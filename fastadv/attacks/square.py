@@ -674,10 +674,13 @@ class Square(Attack):
                  resc_schedule=True, seed=0, verbose=False, *, arithmetic="torchattacks", compact_every=None,
                  backend=None, **engine):
         super().__init__("Square", model, backend=backend, **engine)
-        self.n_queries, self.n_restarts, self.p_init = check_square_args(
+        n_queries, n_restarts, p_init = check_square_args(
             norm, n_queries, n_restarts, p_init, loss, resc_schedule, seed, arithmetic, compact_every)
-        self.norm = norm
+        self.norm = norm  # in torchattacks' order, which its repr shows
+        self.n_queries = n_queries
         self.eps = validation.check_budget(eps, "eps")
+        self.p_init = p_init
+        self.n_restarts = n_restarts
         self.seed = seed
         self.verbose = verbose
         self.loss = loss
