@@ -37,6 +37,7 @@ def results(cc):
     return _results[cc]
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("cc", cc_.TARGETS)
 def test_every_launch_compiles(cc):
     rs = results(cc)
@@ -45,6 +46,7 @@ def test_every_launch_compiles(cc):
     assert {r.case for r in rs} == set(cc_.cases())
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("cc", cc_.TARGETS)
 def test_no_spills_design_minimum_traffic_and_128_bit_accesses(cc):
     rs = [r for r in results(cc) if r.item is not None]
@@ -198,6 +200,7 @@ ATTACKS = [  # (name, call, kernels its launches must compile)
 ]
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("name, call, expected", ATTACKS, ids=[a[0] for a in ATTACKS])
 def test_attacks_compile_their_launches(name, call, expected, trained_models, digits):
     """The attack runs with backend='interpret' under compile_check.twin_launches: each launch
@@ -223,6 +226,7 @@ def _interpret_backend(monkeypatch):
 # -- the oldest supported triton ------------------------------------------------------------------
 
 
+@pytest.mark.sweep
 def test_oldest_triton_compiles_everything_too():
     """`make test` installs pyproject's lower bound (triton 3.6, on the lent GPU machines) in its
     own folder; the same compile and checks run there in a subprocess, for all three targets."""
