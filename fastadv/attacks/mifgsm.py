@@ -40,7 +40,30 @@ def mifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay
     )
 
 
-class MIFGSM(Attack):
+class DecayedMomentumAttack(Attack):
+    """MIFGSM's constructor and call, shared by the attacks with its signature (MIFGSM, NIFGSM);
+    a subclass names itself and its loop (name, loop)."""
+
+    name = None
+    loop = None
+
+    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, *, backend=None, **engine):
+        super().__init__(self.name, model, backend=backend, **engine)
+        self.eps = validation.check_budget(eps, "eps")
+        self.steps = validation.check_steps(steps)
+        self.decay = validation.check_budget(decay, "decay")
+        self.alpha = validation.check_budget(alpha, "alpha", positive=True)
+        self.supported_mode = ["default", "targeted"]
+
+    def forward(self, images, labels):
+        x, y = self._prepare(images, labels)
+        return type(self).loop(
+            self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
+            decay=self.decay, targeted=self.targeted, backend=self.backend, engine=self.engine,
+        )
+
+
+class MIFGSM(DecayedMomentumAttack):
     r"""MI-FGSM from 'Boosting Adversarial Attacks with Momentum' [https://arxiv.org/abs/1710.06081].
 
     Distance measure: Linf. Each step: g = grad / mean(|grad|) per sample,
@@ -74,17 +97,5 @@ class MIFGSM(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, *, backend=None, **engine):
-        super().__init__("MIFGSM", model, backend=backend, **engine)
-        self.eps = validation.check_budget(eps, "eps")
-        self.steps = validation.check_steps(steps)
-        self.decay = validation.check_budget(decay, "decay")
-        self.alpha = validation.check_budget(alpha, "alpha", positive=True)
-        self.supported_mode = ["default", "targeted"]
-
-    def forward(self, images, labels):
-        x, y = self._prepare(images, labels)
-        return mifgsm_loop(
-            self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
-            decay=self.decay, targeted=self.targeted, backend=self.backend, engine=self.engine,
-        )
+    name = "MIFGSM"
+    loop = staticmethod(mifgsm_loop)

@@ -4,6 +4,7 @@ import torch
 
 from fastadv import validation
 from fastadv.attack import Attack
+from fastadv.attacks.mifgsm import DecayedMomentumAttack
 from fastadv.attacks.momentum import (
     Lookahead, ScaledCopiesGradient, check_count, momentum_iterations, refuse_early_stop,
 )
@@ -63,7 +64,7 @@ def sinifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, dec
     )
 
 
-class NIFGSM(Attack):
+class NIFGSM(DecayedMomentumAttack):
     r"""NI-FGSM from 'Nesterov Accelerated Gradient and Scale Invariance for Adversarial
     Attacks' [https://arxiv.org/abs/1908.06281].
 
@@ -89,20 +90,8 @@ class NIFGSM(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, *, backend=None, **engine):
-        super().__init__("NIFGSM", model, backend=backend, **engine)
-        self.eps = validation.check_budget(eps, "eps")
-        self.steps = validation.check_steps(steps)
-        self.decay = validation.check_budget(decay, "decay")
-        self.alpha = validation.check_budget(alpha, "alpha", positive=True)
-        self.supported_mode = ["default", "targeted"]
-
-    def forward(self, images, labels):
-        x, y = self._prepare(images, labels)
-        return nifgsm_loop(
-            self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
-            decay=self.decay, targeted=self.targeted, backend=self.backend, engine=self.engine,
-        )
+    name = "NIFGSM"
+    loop = staticmethod(nifgsm_loop)
 
 
 class SINIFGSM(Attack):
