@@ -388,3 +388,18 @@ def test_constructor_signatures_equal_torchattacks():
         else:
             assert ours == theirs, name
     assert inspect.signature(fastadv.LGV).parameters["attack_class"].default is fastadv.BIM
+
+
+def test_spsa_loss_fn_can_be_replaced_as_in_torchattacks(trained_models, batch):
+    x, y = batch[0][:8], batch[1][:8]
+    outputs = {}
+    for lib in (real_torchattacks, fastadv):
+        for replaced in (False, True):
+            atk = lib.SPSA(trained_models["mlp"], nb_sample=16, max_batch_size=8)
+            if replaced:
+                atk.loss_fn = nn.CrossEntropyLoss(reduction="none")
+            torch.manual_seed(3)
+            outputs[lib.__name__, replaced] = atk(x, y)
+    assert_equal(outputs["fastadv", True], outputs["torchattacks", True], "SPSA with cross-entropy")
+    assert_equal(outputs["fastadv", False], outputs["torchattacks", False], "SPSA with the margin")
+    assert not torch.equal(outputs["fastadv", True], outputs["fastadv", False]), "the replaced loss was not used"
