@@ -141,7 +141,7 @@ def main(argv=None):
         model = bench_models.build(name, "cpu", seed=args.seed)
         counter = CallCounter(model).eval()
         batch = args.batch or (449 if name == "digits-cnn" else 8)
-        x, y = bench_models.digits_test(batch, args.seed) if name == "digits-cnn" else _robust_inputs(model, batch, args.seed)
+        x, y = bench_models.digits_test(batch, args.seed) if name == "digits-cnn" else robust_inputs(model, batch, args.seed)
         for eps, alpha in SETTINGS[name]:
             for steps in [int(s) for s in args.steps.split(",")]:
                 m = measure(counter, x, y, variants(counter, eps, alpha, steps), repeats=args.repeats, clock=args.clock,
@@ -158,13 +158,14 @@ def main(argv=None):
     return data["rows"]
 
 
-def write(data, out):
+def write(data, out, render=None):
+    """data as out.json and, rendered (default: this benchmark's markdown), as out.md."""
     out = pathlib.Path(out)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(data))
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text((render or markdown)(data))
 
 
-def _robust_inputs(model, batch, seed):
+def robust_inputs(model, batch, seed):
     """Random CIFAR-size images labelled with the model's predictions (benchmarks' convention)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, 32, 32, generator=g)
