@@ -159,3 +159,21 @@ def test_evaluate_cascade_uses_the_shortcut_with_the_same_flags(trained_models, 
 def test_bad_early_stop(trained_models):
     with pytest.raises(TypeError, match="early_stop"):
         fastadv.AutoAttack(trained_models["mlp"], early_stop="yes")
+
+
+def test_bench_counts_each_stage_of_the_original():
+    """benchmarks/bench_autoattack_calls at a tiny size: its per-stage counts of the original
+    equal fastadv's (gradients; forwards after the clean stage), and the flags agree."""
+    from fastadv.bench import bench_autoattack_calls
+
+    rows = bench_autoattack_calls.main(["--n", "24", "--steps", "3", "--queries", "8", "--rounds", "0",
+                                        "--cases", "cascade", "--no-write"])
+    by_stage = {r["stage"]: r for r in rows}
+    assert list(by_stage) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square", "total"]
+    for stage, r in by_stage.items():
+        assert r["original_grads"] == r["fastadv_grads"] >= r["fastadv_early_stop_grads"], stage
+        if stage not in ("clean", "total"):
+            assert r["original_forwards"] >= r["fastadv_forwards"] > 0, stage
+    assert by_stage["clean"]["fastadv_forwards"] == 24 < by_stage["clean"]["original_forwards"]  # + its checks
+    assert by_stage["total"]["flags_equal"] and by_stage["total"]["images_equal"]
+    assert by_stage["apgd-ce"]["fastadv_early_stop_grads"] < by_stage["apgd-ce"]["fastadv_grads"]
