@@ -2,8 +2,11 @@
 fastadv with the flags-only shortcut (early_stop), with the robust flags compared and CPU time.
 
     python -m benchmarks.bench_autoattack_calls                       # digits CNN, full standard version
-    python -m benchmarks.bench_autoattack_calls --models robust-resnet18 --n 8 --steps 20 --queries 200 \
-        --out benchmarks/results/autoattack_calls_cpu_resnet18
+    python -m benchmarks.bench_autoattack_calls --models robust-resnet18 --n 8 --eps 0.00392 --steps 10 \
+        --queries 50 --cases cascade,apgd-ce --out benchmarks/results/autoattack_calls_cpu_resnet18
+
+Inputs: the digits test split for digits-cnn, else random images labelled with the model's
+predictions (bench_attacks.make_inputs).
 
 The three run version='standard', Linf, seed 0, the same chunk size, each on the same
 fastadv.calls.CallCounter around the model (its few microseconds per call weigh on each
@@ -30,7 +33,8 @@ import torch
 
 from . import models as bench_models
 from . import results, timing
-from .bench_cycle_exit import robust_inputs, write
+from .bench_attacks import make_inputs
+from .bench_cycle_exit import write
 
 OUT = results.RESULTS_DIR / "autoattack_calls_cpu"
 STAGES = ("clean", "apgd-ce", "apgd-t", "fab-t", "square")
@@ -186,8 +190,8 @@ def markdown(data):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_autoattack_calls", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="digits-cnn")
-    p.add_argument("--n", type=int, default=None, help="images (default: the 449 digits test images; 8 for the ResNet-18)")
-    p.add_argument("--eps", type=float, default=None, help="default: 0.2 for digits-cnn, 8/255 for the ResNet-18")
+    p.add_argument("--n", type=int, default=None, help="images (default: the 449 digits test images; 8 for others)")
+    p.add_argument("--eps", type=float, default=None, help="default: the model's (0.2 for digits-cnn, else 8/255)")
     p.add_argument("--chunk", type=int, default=250)
     p.add_argument("--steps", type=int, default=None, help="APGD/APGD-T/FAB-T iterations (default: 100)")
     p.add_argument("--queries", type=int, default=None, help="Square's queries (default: 5000)")
@@ -209,12 +213,8 @@ def main(argv=None):
     for name in args.models.split(","):
         model = bench_models.build(name, "cpu", seed=args.seed)
         counter = CallCounter(model).eval()
-        if name == "digits-cnn":
-            n = args.n or 449
-            x, y = bench_models.digits_test(n, args.seed)
-        else:
-            n = args.n or 8
-            x, y = robust_inputs(model, n, args.seed)
+        n = args.n or (449 if name == "digits-cnn" else 8)
+        x, y = make_inputs(model, name, n, "cpu", args.seed)
         eps = args.eps if args.eps is not None else bench_models.MODELS[name].eps
         kw = dict(eps=eps, steps=args.steps, n_queries=args.queries, chunk=args.chunk)
         before = None

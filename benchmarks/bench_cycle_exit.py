@@ -162,7 +162,7 @@ def main(argv=None):
         counter = CallCounter(model).eval()
         digits = name.startswith("digits")
         batch = args.batch or (449 if digits else 8)
-        x, y = bench_models.digits_test(batch, args.seed) if digits else robust_inputs(model, batch, args.seed)
+        x, y = bench_models.digits_test(batch, args.seed) if digits else _robust_inputs(model, batch, args.seed)
         settings = SETTINGS[name] if args.settings is None else [
             tuple(float(v) for v in pair.split(":")) for pair in args.settings.split(",")]
         for eps, alpha in settings:
@@ -188,7 +188,7 @@ def write(data, out, render=None):
     out.with_suffix(".md").write_text((render or markdown)(data))
 
 
-def robust_inputs(model, batch, seed):
+def _robust_inputs(model, batch, seed):
     """Random CIFAR-size images labelled with the model's predictions (benchmarks' convention)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, 32, 32, generator=g)

@@ -166,8 +166,8 @@ def test_bench_counts_each_stage_of_the_original():
     equal fastadv's (gradients; forwards after the clean stage), and the flags agree."""
     from fastadv.bench import bench_autoattack_calls
 
-    rows = bench_autoattack_calls.main(["--n", "24", "--steps", "3", "--queries", "8", "--rounds", "0",
-                                        "--cases", "cascade", "--no-write"])
+    rows = bench_autoattack_calls.main(["--models", "smallcnn-digits", "--n", "24", "--steps", "3", "--queries", "8",
+                                        "--rounds", "0", "--cases", "cascade", "--no-write"])
     by_stage = {r["stage"]: r for r in rows}
     assert list(by_stage) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square", "total"]
     for stage, r in by_stage.items():
