@@ -177,3 +177,18 @@ def test_bench_counts_each_stage_of_the_original():
     assert by_stage["clean"]["fastadv_forwards"] == 24 < by_stage["clean"]["original_forwards"]  # + its checks
     assert by_stage["total"]["flags_equal"] and by_stage["total"]["images_equal"]
     assert by_stage["apgd-ce"]["fastadv_early_stop_grads"] < by_stage["apgd-ce"]["fastadv_grads"]
+
+
+@pytest.mark.parametrize("n,engine", [(1, {}), (13, {"channels_last": True}), (29, {"batch_size": 10})])
+def test_apgd_early_stop_same_flags_batch_one_channels_last_chunks(n, engine, trained_models, digits):
+    model = trained_models["cnn"]
+    _, (x, y) = digits
+    x, y = x[40:40 + n].clone(), y[40:40 + n].clone()
+    kw = dict(eps=0.12, steps=15, n_restarts=2, **engine)
+    plain = fastadv.APGD(model, **kw)(x, y)
+    short = fastadv.APGD(model, early_stop=True, **kw)(x, y)
+    with torch.no_grad():
+        robust = model(plain).argmax(1) == y
+        assert torch.equal(model(short).argmax(1) == y, robust)
+    assert_equal(short[robust], x[robust])
+    assert short.stride() == plain.stride()
