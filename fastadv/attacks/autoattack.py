@@ -148,8 +148,11 @@ class AutoAttack(Attack):
             original's images bit for bit. It stays off with EOT (eot_iter > 1, the 'rand'
             version) and for a model with modules in training mode, whose random draws
             depend on the batch. Like fastadv's cycle_exit, it assumes the model's output
-            for a point does not depend on the rest of the batch (eval mode; PyTorch's CPU
-            kernels on every model tested, tests/test_autoattack_flags.py). (Default: False)
+            for a point does not depend on the rest of the batch: true of PyTorch's CPU
+            kernels on every model tested (tests/test_autoattack_flags.py), not of CUDA's,
+            where a point's logits changed with the batch size (an H200: up to 1.3e-4 on a
+            ResNet-18, 4e-7 without TF32; benchmarks/results/batch_invariance_h200.md), so
+            there a point at the decision boundary may get another flag. (Default: False)
 
     The sub-attacks' settings are exposed under the original's names and may be changed
     before a call: ``apgd`` (n_iter, n_restarts, eot_iter, rho), ``apgd_targeted`` (n_iter,
