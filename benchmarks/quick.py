@@ -8,7 +8,7 @@ a short summary is printed at the end. The rows and the goal each answers:
   copy bandwidth measured in the same run (goal: one pass at copy speed);
 - PGD-10, ResNet-18 (CIFAR size), batch 256, exact: fastadv / floor and the speedup
   over torchattacks, bit-exact (goal: the attack costs its model passes);
-- PGD-10, small CNN, batch 1024, exact (CUDA graph): speedup over torchattacks
+- PGD-10, small CNN, batch 1024, exact (launch-bound): speedup over torchattacks
   (goal: launch-bound models gain most);
 - PGD-10, ResNet-18, batch 512, fast mode (bf16 + channels_last): speedup and the
   outcome agreement with exact mode (goal: fast mode pays off without changing answers);
@@ -61,7 +61,7 @@ def plan(dry_run: bool):
         ("steps vs copy", bench_kernels, kernels),
         ("PGD ResNet-18 exact", bench_attacks, ["--models", z["r18"], "--batch", str(z["b256"]), "--modes", "exact",
                                                  *pgd]),
-        ("PGD small CNN (graph)", bench_attacks, ["--models", "smallcnn", "--batch", str(z["b1024"]), "--modes",
+        ("PGD small CNN", bench_attacks, ["--models", "smallcnn", "--batch", str(z["b1024"]), "--modes",
                                                    "exact", *pgd]),
         ("PGD ResNet-18 fast", bench_attacks, ["--models", z["r18"], "--batch", str(z["b512"]), "--modes", "fast",
                                                 *pgd]),

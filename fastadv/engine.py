@@ -34,15 +34,18 @@ class EngineOptions:
         returns the first iterate that fooled it (changes the returned tensors).
     batch_size: attack at most this many samples at once; when an allocation fails (CUDA or CPU
         out of memory) the chunk is halved and the run goes on.
-    cuda_graph: capture one step as a CUDA graph and replay it (None: automatic,
-        on for CUDA tensors on the Triton backend without early stopping).
+    cuda_graph: capture one step as a CUDA graph and replay it (CUDA tensors, Triton
+        backend, no early stopping). None (automatic) leaves it off: each call captures
+        its own graph, and on an H200 that capture cost more than the replays saved at
+        PGD-10 (ResNet-18 batch 256: 94.9 ms with the graph, 74.7 ms eager; small CNN
+        batch 1024 likewise slower; `python -m benchmarks.diag_input_grad`).
     cycle_exit: exact early exit for the deterministic sign-step attacks (PGD, RFGSM,
         TPGD): a sample whose iterate repeats an earlier one leaves the batch with the
         final iterate its cycle implies; the returned tensor is bit-identical to the run
         without it, with fewer gradient evaluations (fastadv.loop.run_cycle_exit). True,
         False, or None: automatic, on in exact mode for eager runs (CPU) of at least
-        CYCLE_MIN_STEPS steps, where it is measured to pay; off on CUDA, where the
-        captured graph is used and cuBLAS/cuDNN may pick other kernels for a smaller batch.
+        CYCLE_MIN_STEPS steps, where it is measured to pay; off on CUDA, where cuBLAS/cuDNN
+        may pick other kernels for a smaller batch (measured on an H200).
         It is exact only when each sample's next iterate depends on that sample's iterate
         alone, so it is off, whatever this says, when that cannot hold: a model with
         modules in training mode (dropout draws, batch statistics mix samples), EOT and
@@ -77,7 +80,7 @@ class EngineOptions:
     def use_graph(self, x: torch.Tensor, backend_name: str) -> bool:
         if self.early_stop or self.cycle_exit or x.device.type != backend.KERNEL_DEVICE or backend_name != "triton":
             return False
-        return True if self.cuda_graph is None else bool(self.cuda_graph)
+        return bool(self.cuda_graph)
 
     def use_cycle_exit(self, x: torch.Tensor, backend_name: str, steps: int, model, deterministic=True) -> bool:
         """Whether this run uses the exact early exit (see cycle_exit above).
@@ -92,7 +95,9 @@ class EngineOptions:
             return False
         if self.cycle_exit:
             return True
-        auto = module is not None and self.precision is None and steps >= CYCLE_MIN_STEPS
+        # CPU only: on CUDA a sample's logits change with the batch it is in (cuDNN/cuBLAS pick
+        # other kernels; benchmarks/results/batch_invariance_h200.md), so leaving would not be exact
+        auto = module is not None and self.precision is None and steps >= CYCLE_MIN_STEPS and x.device.type == "cpu"
         return auto and not self.use_graph(x, backend_name)
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
