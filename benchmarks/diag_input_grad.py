@@ -1,6 +1,6 @@
 """Where exact-mode PGD's time goes on CUDA: one input-gradient evaluation with the model's
 parameters requiring grad (as torchattacks leaves them) or not (as fastadv and the floor set
-them), and PGD-10 through fastadv (eager and CUDA graph) and torchattacks, on one model.
+them), and PGD-k through fastadv (eager and CUDA graph) and torchattacks, on one model.
 
     python -m benchmarks.diag_input_grad --model resnet18 --batch 256
 
@@ -34,6 +34,7 @@ def main(argv=None):
     p.add_argument("--model", default="resnet18")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model = bench_models.build(args.model, "cuda", seed=0).eval()
@@ -42,13 +43,15 @@ def main(argv=None):
     y = torch.randint(0, spec.num_classes, (args.batch,), device="cuda")
     import torchattacks
 
+    k = args.steps
+
     variants = {
         "grad eval, params requires_grad=True": grad_eval(model, x, y, True),
         "grad eval, params requires_grad=False": grad_eval(model, x, y, False),
-        "fastadv PGD-10 exact, eager": lambda: fastadv.PGD(model, cuda_graph=False)(x, y),
-        "fastadv PGD-10 exact, graph": lambda: fastadv.PGD(model, cuda_graph=True)(x, y),
-        "fastadv PGD-10 exact, backend=torch": lambda: fastadv.PGD(model, backend="torch", cuda_graph=False)(x, y),
-        "torchattacks PGD-10": lambda: torchattacks.PGD(model)(x, y),
+        f"fastadv PGD-{k} exact, eager": lambda: fastadv.PGD(model, steps=k, cuda_graph=False)(x, y),
+        f"fastadv PGD-{k} exact, graph": lambda: fastadv.PGD(model, steps=k, cuda_graph=True)(x, y),
+        f"fastadv PGD-{k} exact, backend=torch": lambda: fastadv.PGD(model, steps=k, backend="torch")(x, y),
+        f"torchattacks PGD-{k}": lambda: torchattacks.PGD(model, steps=k)(x, y),
     }
     times = {k: [] for k in variants}
     for _ in range(3):

@@ -41,14 +41,14 @@ REPEATS = 5
 
 
 GPU_SIZES = dict(shape="256x3x224x224", b256=256, b512=512, b1024=1024, b_aa=AA_BATCH, steps=10, repeats=REPEATS,
-                 r18="resnet18", aa_model="robust-resnet18", aa="AutoAttack", device=[])
+                 r18="resnet18", aa_model="robust-resnet18", aa="AutoAttack", aa_runs=("5", "1"), device=[])
 # The dry run proves the plumbing, not the numbers: one step, batches of 2 to 4, the 8x8 CNN in
 # ResNet-18's place (ResNet-18 in bf16 autocast takes minutes on a busy CPU), and in
 # AutoAttack's place one APGD step against pyautoattack on it (the standard
 # AutoAttack always runs its full budget: Square's 5000 queries alone take minutes on a CPU).
 DRY_SIZES = dict(shape="2x3x16x16", b256=2, b512=2, b1024=4, b_aa=4, steps=1, repeats=1, r18="smallcnn-digits",
                  aa_model="smallcnn-digits",
-                 aa="APGD", device=["--device", "cpu", "--backend", "torch"])
+                 aa="APGD", aa_runs=("1", "0"), device=["--device", "cpu", "--backend", "torch"])
 
 
 def plan(dry_run: bool):
@@ -66,7 +66,7 @@ def plan(dry_run: bool):
         ("PGD ResNet-18 fast", bench_attacks, ["--models", z["r18"], "--batch", str(z["b512"]), "--modes", "fast",
                                                 *pgd]),
         (z["aa"], bench_attacks, ["--models", z["aa_model"], "--attacks", z["aa"], "--batch", str(z["b_aa"]),
-                                  "--steps", str(z["steps"]), "--modes", "exact", "--repeats", "1", "--warmup", "0",
+                                  "--steps", str(z["steps"]), "--modes", "exact", "--repeats", z["aa_runs"][0], "--warmup", z["aa_runs"][1],
                                   "--refs", "pyautoattack", *dev]),
     ]
 
