@@ -165,11 +165,13 @@ def memory(args):
 
 
 def _run_images_per_s(report):
-    """Images/s of a run from its --report: the training epoch's, or the evaluation's."""
+    """Images/s of a run from its --report: the training epoch's, or the evaluation's
+    (None from code whose reports lack them)."""
     r = json.loads(pathlib.Path(report).read_text())
     if "history" in r:
-        return round(r["history"][0]["images"] / r["history"][0]["seconds"], 1)
-    return round(r["images_per_second"], 1)
+        epoch = r["history"][0]
+        return round(epoch["images"] / epoch["seconds"], 1) if "images" in epoch else None
+    return round(r["images_per_second"], 1) if r.get("images_per_second") else None
 
 
 def throughput(args):
