@@ -216,6 +216,11 @@ def _short(commit):
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
+def _load(row):
+    load = row.get("load_average_1m_5m_15m")
+    return "-" if not load else load[0]
+
+
 def _cell(row, key):
     return "-" if row.get(key) is None else row[key]
 
@@ -249,7 +254,7 @@ def write(rows):
         lines += [f"| {r['code']} | {r['command']} | {r['images']} | {r['workers']} | {_cell(r, 'peak_tree_pss_mib')} | "
                   f"{r['peak_tree_rss_mib']} | {r['largest_process_rss_mib']} | {_cell(r, 'processes')} | "
                   f"{_cell(r, 'images_per_s')} | {r['seconds']} | {_short(r['commit'])} | {r['date'][:16]} | "
-                  f"{r['load_average_1m_5m_15m'][0]} |" for r in mem]
+                  f"{_load(r)} |" for r in mem]
         lines.append("")
     thr = [r for r in rows if r["case"] == "throughput"]
     if thr:
@@ -260,7 +265,7 @@ def write(rows):
                   "|---:|---:|---:|---:|---|---|---:|"]
         lines += [f"| {r['images']} | {r['workers']} | {r['loader_images_per_s']} | "
                   f"{r['train_fgsm_rs_smallcnn_images_per_s']} | {_short(r['commit'])} | {r['date'][:16]} | "
-                  f"{r['load_average_1m_5m_15m'][0]} |" for r in thr]
+                  f"{_load(r)} |" for r in thr]
         lines.append("")
     r0 = rows[-1]
     lines.append(f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}, python {r0['python']}; "
