@@ -239,7 +239,9 @@ def write(rows):
                   key=lambda r: [str(v) for v in _key(r)])
     path.write_text(json.dumps({"schema": 1, "rows": rows}, indent=1) + "\n")
     lines = ["# Streaming data: peak memory and throughput (CPU)", "",
-             "Written by `python -m benchmarks.bench_streaming` (see its docstring for the method).", ""]
+             "Written by `python -m benchmarks.bench_streaming` (see its docstring for the method). Code: `this` "
+             "is the commit in the row; `main (ff07048)` is that commit's fastadv (an exported tree on PYTHONPATH, "
+             "which decodes every image into one array first) run by the bench at the row's commit.", ""]
     mem = [r for r in rows if r["case"] == "memory"]
     if mem:
         lines += ["Peak memory in MiB. PSS tree: proportional set size summed over the process and its DataLoader "
