@@ -23,7 +23,6 @@ from torchattacks.attacks._differential_evolution import differential_evolution 
 
 import fastadv
 from fastadv import functional as F
-from fastadv.attacks import REGISTRY
 from fastadv.attacks.lgv import LightEnsemble
 from fastadv.evolution import differential_evolution
 from fastadv.models import SmallCNN
@@ -275,11 +274,10 @@ def test_lgv_equals_torchattacks(config, mode, model, loader, small):
 
 
 def test_lgv_default_attack_class(model, loader, small):
-    if "BIM" not in REGISTRY:
-        pytest.skip("fastadv.BIM is not in this build yet")
     x, y = small
-    _, expected = lgv_run(torchattacks, model, loader, x, y, dict(epochs=1, nb_models_epoch=2, steps=2))
-    _, actual = lgv_run(fastadv, model, loader, x, y, dict(epochs=1, nb_models_epoch=2, steps=2))
+    ref, expected = lgv_run(torchattacks, model, loader, x, y, dict(epochs=1, nb_models_epoch=2, steps=2))
+    ours, actual = lgv_run(fastadv, model, loader, x, y, dict(epochs=1, nb_models_epoch=2, steps=2))
+    assert ref.attack_class is torchattacks.BIM and ours.attack_class is fastadv.BIM
     assert_equal(actual, expected, "LGV with BIM")
 
 

@@ -309,9 +309,10 @@ class TIFGSM(_DiversityAttack):
                  nsig=3, resize_rate=0.9, diversity_prob=0.5, random_start=False, *, backend=None, **engine):
         super().__init__("TIFGSM", model, backend=backend, **engine)
         self._set_common(eps, alpha, steps, decay, resize_rate, diversity_prob, random_start)
-        self.kernel_name, self.len_kernel, self.nsig = check_kernel(kernel_name, len_kernel, nsig)
+        self.kernel_name, self.len_kernel, checked_nsig = check_kernel(kernel_name, len_kernel, nsig)
+        self.nsig = nsig  # as given, as the reference stores it (its repr shows 3, not 3.0)
         # [3, 1, L, L] as the reference stores it (here applied to every channel, whatever their number)
-        self.stacked_kernel = smoothing_kernel(self.kernel_name, self.len_kernel, self.nsig).repeat(3, 1, 1, 1)
+        self.stacked_kernel = smoothing_kernel(self.kernel_name, self.len_kernel, checked_nsig).repeat(3, 1, 1, 1)
         self.supported_mode = ["default", "targeted"]
 
     def _kernel(self):

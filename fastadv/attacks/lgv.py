@@ -9,18 +9,11 @@ import torch
 import torch.nn as nn
 
 from fastadv.attack import Attack
-from fastadv.attacks import REGISTRY, resolve
+from fastadv.attacks.bim import BIM
 from fastadv.attacks.onepixel import check_count
 from fastadv.validation import check_budget
 
 ORDERS = ("shuffle", "random", None)
-
-
-def default_attack_class():
-    """fastadv's BIM, the reference's default attack_class."""
-    if "BIM" not in REGISTRY:
-        raise ValueError("LGV's default attack_class is BIM, which this fastadv build lacks: pass attack_class=")
-    return resolve("BIM", REGISTRY)
 
 
 def check_lgv_args(trainloader, lr, epochs, nb_models_epoch, wd, n_grad, attack_class):
@@ -29,7 +22,7 @@ def check_lgv_args(trainloader, lr, epochs, nb_models_epoch, wd, n_grad, attack_
                         f"got {type(trainloader).__name__}")
     if isinstance(n_grad, bool) or not isinstance(n_grad, numbers.Integral) or not (n_grad > 0 or n_grad == -1):
         raise ValueError(f"n_grad must be an int > 0, or -1 for every model, got {n_grad!r}")
-    if attack_class is not None and not (isinstance(attack_class, type) and issubclass(attack_class, Attack)):
+    if not (isinstance(attack_class, type) and issubclass(attack_class, Attack)):
         raise TypeError(f"attack_class must be a fastadv attack class (e.g. fastadv.BIM), got {attack_class!r}")
     return (check_budget(lr, "lr"), check_count(epochs, "epochs"), check_count(nb_models_epoch, "nb_models_epoch"),
             check_budget(wd, "wd"), int(n_grad))
@@ -145,7 +138,7 @@ class LGV(Attack):
         wd (float): SGD weight decay, >= 0. (Default: 1e-4)
         n_grad (int): models per forward, > 0, or -1 for all. (Default: 1)
         verbose (bool): print the phases and a progress bar (tqdm if installed). (Default: True)
-        attack_class: a fastadv attack class. (Default: None, meaning fastadv.BIM as the reference)
+        attack_class: a fastadv attack class. (Default: fastadv.BIM, as the reference)
         **kwargs: the attack's arguments (eps, alpha, steps, backend, engine options...).
 
     Shape:
@@ -160,15 +153,17 @@ class LGV(Attack):
     """
 
     def __init__(self, model, trainloader, lr=0.05, epochs=10, nb_models_epoch=4, wd=1e-4, n_grad=1, verbose=True,
-                 attack_class=None, **kwargs):
-        self.lr, self.epochs, self.nb_models_epoch, self.wd, self.n_grad = check_lgv_args(
+                 attack_class=BIM, **kwargs):
+        lr, epochs, nb_models_epoch, wd, n_grad = check_lgv_args(
             trainloader, lr, epochs, nb_models_epoch, wd, n_grad, attack_class)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (LGV trains a copy of it), got {type(model).__name__}")
         super().__init__("LGV", copy.deepcopy(model))
+        # in the reference's order (its repr's order)
         self.trainloader = trainloader
+        self.lr, self.epochs, self.nb_models_epoch, self.wd, self.n_grad = lr, epochs, nb_models_epoch, wd, n_grad
         self.order = "shuffle"
-        self.attack_class = attack_class if attack_class is not None else default_attack_class()
+        self.attack_class = attack_class
         self.verbose = bool(verbose)
         self.kwargs_att = kwargs
         self.supported_mode = ["default", "targeted"]
@@ -245,7 +240,7 @@ class LGV(Attack):
 
 
 def lgv(model, images, labels, *, trainloader, lr=0.05, epochs=10, nb_models_epoch=4, wd=1e-4, n_grad=1,
-        attack_class=None, targeted=False, verbose=False, **kwargs):
+        attack_class=BIM, targeted=False, verbose=False, **kwargs):
     """LGV in one call: collects the models from trainloader, then attacks (see LGV).
 
     Every call trains anew; to attack several batches with the same models, use the

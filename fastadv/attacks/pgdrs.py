@@ -187,11 +187,18 @@ class PGDRS(Attack):
         super().__init__("PGDRS", model, backend=backend, **engine)
         self._init_smoothing(eps, alpha, steps, noise_type, noise_sd, noise_batch_size, batch_max)
 
-    def _init_smoothing(self, eps, alpha, steps, noise_type, noise_sd, noise_batch_size, batch_max):
+    def _init_smoothing(self, eps, alpha, steps, noise_type, noise_sd, noise_batch_size, batch_max,
+                        eps_for_division=None):
+        """Checks and sets the arguments in the reference's order (its repr's order);
+        eps_for_division: PGDRSL2's, set where the reference sets it."""
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)
-        self.steps, self.noise_batch_size, self.batch_max = check_smoothing_args(steps, noise_batch_size, batch_max)
+        self.steps, noise_batch_size, batch_max = check_smoothing_args(steps, noise_batch_size, batch_max)
         self.noise_func = Noise(noise_type, noise_sd)
+        self.noise_batch_size = noise_batch_size
+        if eps_for_division is not None:
+            self.eps_for_division = check_number(eps_for_division, "eps_for_division")
+        self.batch_max = batch_max
         self.supported_mode = ["default", "targeted"]
 
     def forward(self, images, labels):

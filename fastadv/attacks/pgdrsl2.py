@@ -81,5 +81,4 @@ class PGDRSL2(PGDRS):
     def __init__(self, model, eps=1.0, alpha=0.2, steps=10, noise_type="guassian", noise_sd=0.5, noise_batch_size=5,
                  batch_max=2048, eps_for_division=1e-10, *, backend=None, **engine):
         super(PGDRS, self).__init__("PGDRSL2", model, backend=backend, **engine)
-        self._init_smoothing(eps, alpha, steps, noise_type, noise_sd, noise_batch_size, batch_max)
-        self.eps_for_division = check_number(eps_for_division, "eps_for_division")
+        self._init_smoothing(eps, alpha, steps, noise_type, noise_sd, noise_batch_size, batch_max, eps_for_division)

@@ -242,9 +242,15 @@ class Pixle(Attack):
     def __init__(self, model, x_dimensions=(2, 10), y_dimensions=(2, 10), pixel_mapping="random", restarts=20,
                  max_iterations=10, update_each_iteration=False, *, backend=None, **engine):
         super().__init__("Pixle", model, backend=backend, **engine)
-        (self.p1_x_dimensions, self.p1_y_dimensions, self.pixel_mapping, self.restarts,
-         self.max_patches) = check_pixle_args(x_dimensions, y_dimensions, pixel_mapping, restarts, max_iterations)
+        x_dimensions, y_dimensions, pixel_mapping, restarts, max_iterations = check_pixle_args(
+            x_dimensions, y_dimensions, pixel_mapping, restarts, max_iterations)
+        # in the reference's order (its repr's order)
         self.update_each_iteration = bool(update_each_iteration)
+        self.max_patches = max_iterations
+        self.restarts = restarts
+        self.pixel_mapping = pixel_mapping
+        self.p1_x_dimensions = x_dimensions
+        self.p1_y_dimensions = y_dimensions
         self.supported_mode = ["default", "targeted"]
 
     def forward(self, images, labels):

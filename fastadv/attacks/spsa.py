@@ -18,6 +18,19 @@ def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return other - own
 
 
+class MarginalLoss(torch.nn.modules.loss._Loss):
+    """The margin as a loss module (the reference's SPSA.loss_fn): per sample, or summed
+    or averaged by reduction."""
+
+    def forward(self, logits, targets):
+        m = margin(logits, targets)
+        if self.reduction == "none":
+            return m
+        if self.reduction in ("sum", "mean"):
+            return getattr(m, self.reduction)()
+        raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {self.reduction!r}")
+
+
 def batch_sizes(n: int, max_batch_size: int):
     """nb_sample split into full batches of max_batch_size and the remainder."""
     return [max_batch_size] * (n // max_batch_size) + ([n % max_batch_size] if n % max_batch_size else [])
@@ -52,12 +65,14 @@ def spsa_gradient(loss, x, y, *, delta, nb_sample, max_batch_size):
     return grad
 
 
-def spsa_loop(forward, x, y, *, eps, delta, lr, nb_iter, nb_sample, max_batch_size, targeted=False, engine=EXACT):
+def spsa_loop(forward, x, y, *, eps, delta, lr, nb_iter, nb_sample, max_batch_size, targeted=False, engine=EXACT,
+              loss_fn=margin):
     """SPSA on inputs the caller owns; returns x + dx.
 
-    Adam (torch.optim.Adam, lr) descends the estimated gradient of the margin (towards
-    y when targeted, away from it otherwise); after each step dx is clipped to the
-    eps-ball and to [0, 1] around x, in place, as the reference does.
+    Adam (torch.optim.Adam, lr) descends the estimated gradient of loss_fn(logits, y)
+    (per sample; the margin by default), towards y when targeted, away from it otherwise;
+    after each step dx is clipped to the eps-ball and to [0, 1] around x, in place, as
+    the reference does.
     engine: precision and channels_last apply to the model; early_stop does not apply.
     """
     model = engine_forward(forward, engine)
@@ -68,7 +83,7 @@ def spsa_loop(forward, x, y, *, eps, delta, lr, nb_iter, nb_sample, max_batch_si
         if not checked:
             check_logits(logits, labels, n_classes_min=2)
             checked.append(True)
-        m = margin(logits, labels)
+        m = loss_fn(logits, labels)
         return m if targeted else -m
 
     dx = torch.zeros_like(x)
@@ -130,7 +145,9 @@ class SPSA(Attack):
 
     Equivalence: bit-exact with torchattacks 3.5.1 SPSA (same seed, same device),
     default and targeted modes. No host sync per step. engine: precision and
-    channels_last apply to the model; early_stop does not apply.
+    channels_last apply to the model; early_stop does not apply. The loss is the
+    attribute ``loss_fn`` (MarginalLoss(reduction='none')), which, as in the reference,
+    may be replaced by another per-sample loss(logits, labels).
 
     Arguments:
         model (nn.Module): model to attack.
@@ -155,6 +172,7 @@ class SPSA(Attack):
         super().__init__("SPSA", model, backend=backend, **engine)
         (self.eps, self.delta, self.lr, self.nb_iter, self.nb_sample,
          self.max_batch_size) = check_spsa_args(eps, delta, lr, nb_iter, nb_sample, max_batch_size)
+        self.loss_fn = MarginalLoss(reduction="none")  # per sample; may be replaced, as the reference's
         self.supported_mode = ["default", "targeted"]
 
     def forward(self, images, labels):
@@ -163,4 +181,5 @@ class SPSA(Attack):
         return spsa_loop(
             self.get_logits, x, y, eps=self.eps, delta=self.delta, lr=self.lr, nb_iter=self.nb_iter,
             nb_sample=self.nb_sample, max_batch_size=self.max_batch_size, targeted=self.targeted, engine=self.engine,
+            loss_fn=self.loss_fn,
         )
