@@ -17,7 +17,8 @@ model is an MLP with 16 hidden units (`--model fastadv.models:MLP`), so that the
 path, not the model, sets the memory and the run time: `train --method fgsm-rs
 --epochs 1` then `eval --attack fgsm` with the checkpoint it wrote; each writes a
 --report, whose images/s are recorded with the row, and whether the progress bar showed
-img/s. With --baseline-tree the same commands also run with PYTHONPATH set to that tree
+img/s; with --plots also `eval --attack fgsm --plots DIR` (the robust-accuracy curve:
+four more evaluations of the stream, and six examples drawn). With --baseline-tree the same commands also run with PYTHONPATH set to that tree
 (the code before streaming: it decodes every image into one array first).
 
 throughput: images/s of the loader alone (fastadv.datasets.open_data's DataLoader,
@@ -143,9 +144,12 @@ def memory(args):
                     py = [sys.executable, "-m", "fastadv"]
                     common = ["--data", folder, "--eps", "0.03", "--batch-size", "128", "--report", report,
                               "--overwrite", *extra]  # no --quiet: the progress bar is part of the run
-                    for command, argv in (("train fgsm-rs 1 epoch", ["train", *common, *MLP, "--method", "fgsm-rs",
-                                                                      "--epochs", "1", "--out", ckpt]),
-                                          ("eval fgsm", ["eval", *common, "--checkpoint", ckpt, "--attack", "fgsm"])):
+                    commands = [("train fgsm-rs 1 epoch", ["train", *common, *MLP, "--method", "fgsm-rs", "--epochs", "1",
+                                                           "--out", ckpt]),
+                                ("eval fgsm", ["eval", *common, "--checkpoint", ckpt, "--attack", "fgsm"])]
+                    if args.plots:  # 4 more evaluations (eps/4 .. eps) and 6 examples drawn
+                        commands.append(("eval fgsm --plots", [*commands[1][1], "--plots", os.path.join(tmp, "plots")]))
+                    for command, argv in commands:
                         m = measure(py + argv, _env(tree), tmp)
                         if m["returncode"] != 0:
                             raise SystemExit(f"{name} {command} on {folder} failed ({m['returncode']}):\n"
@@ -284,6 +288,7 @@ def main(argv=None):
     p.add_argument("--baseline-tree", help="an exported tree of the code to compare with (PYTHONPATH)")
     p.add_argument("--baseline-name", default="baseline")
     p.add_argument("--baseline-only", action="store_true", help="measure only the baseline tree")
+    p.add_argument("--plots", action="store_true", help="memory: also `eval --attack fgsm --plots DIR`")
     args = p.parse_args(argv)
     memory(args) if args.case == "memory" else throughput(args)
 
