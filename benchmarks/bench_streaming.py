@@ -2,9 +2,9 @@
 
     .venv/bin/python -m benchmarks.make_image_folder /tmp/f10k --images 10000
     .venv/bin/python -m benchmarks.make_image_folder /tmp/f40k --images 40000
-    .venv/bin/python -m benchmarks.bench_streaming memory --folder /tmp/f10k --folder /tmp/f40k \\
-        [--baseline-tree DIR --baseline-name main]   # DIR: an exported tree of another commit
-    .venv/bin/python -m benchmarks.bench_streaming throughput --folder /tmp/f10k --workers 0 2
+    .venv/bin/python -m benchmarks.bench_streaming memory --folder /tmp/f10k --folder /tmp/f40k --workers 0 2 \\
+        [--plots] [--baseline-tree DIR --baseline-name main]   # DIR: an exported tree of another commit
+    .venv/bin/python -m benchmarks.bench_streaming throughput --folder /tmp/f40k --workers 0 2
 
 memory: each command runs in its own process, as a user runs it (progress bar on);
 every 0.1 s a sampler reads, for the process and all its descendants (DataLoader
