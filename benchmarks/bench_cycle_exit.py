@@ -6,12 +6,17 @@ Every model call is counted by wrapping the model in fastadv.calls.CallCounter (
 run through the same wrapper, so its few microseconds per call weigh on each alike); the
 time is the median over the repeats on the chosen clock; 'equal' is torch.equal with
 torchattacks' output. --sweep also times the exit's check interval (CYCLE_CHECK_EVERY) and
-history (CYCLE_HISTORY) on the first model and step count.
+history (CYCLE_HISTORY) on the first model and step count. digits-cnn-plain is the same
+SmallCNN trained without attacks (fastadv.models.train_plain, 8 epochs): a standard model,
+on which the exit's bookkeeping is measured where few samples settle; --settings picks the
+(eps, alpha) pairs.
 
     python -m benchmarks.bench_cycle_exit --models digits-cnn --repeats 1 --sweep     # the committed CPU results
     python -m benchmarks.bench_cycle_exit --models robust-resnet18 --batch 2 --repeats 0 \
         --out benchmarks/results/cycle_exit_cpu_resnet18
     python -m benchmarks.bench_cycle_exit --models digits-cnn --steps 100 --repeats 1 --no-write
+    python -m benchmarks.bench_cycle_exit --models digits-cnn,digits-cnn-plain --steps 10,20 --settings 0.1:0.01 \
+        --repeats 5 --out benchmarks/results/cycle_exit_cpu_no_cycles
 """
 import argparse
 import json
@@ -26,9 +31,23 @@ from . import results, timing
 # (eps, alpha) per model: the issue's two digits settings, torchattacks' defaults on CIFAR-10.
 SETTINGS = {
     "digits-cnn": [(0.2, 0.05), (0.1, 0.01)],
+    "digits-cnn-plain": [(0.2, 0.05), (0.1, 0.01)],
     "robust-resnet18": [(8 / 255, 2 / 255)],
 }
 OUT = results.RESULTS_DIR / "cycle_exit_cpu"
+
+
+def build_model(name, seed):
+    """A benchmark model by name, or digits-cnn-plain: SmallCNN trained on digits without attacks."""
+    if name != "digits-cnn-plain":
+        return bench_models.build(name, "cpu", seed=seed)
+    from fastadv.data import load_digits
+    from fastadv.models import SmallCNN, train_plain
+
+    (x, y), _ = load_digits(seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return train_plain(SmallCNN(), x, y, epochs=8, seed=seed)
 
 
 def variants(model, eps, alpha, steps):
@@ -127,6 +146,7 @@ def main(argv=None):
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="also time other check intervals and histories")
+    p.add_argument("--settings", default=None, help="eps:alpha pairs, comma-separated (default: per model)")
     p.add_argument("--out", default=str(OUT), help="results path without suffix (.json and .md are written)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -138,11 +158,14 @@ def main(argv=None):
     data = {"command": command, "repeats": args.repeats, "clock": args.clock, "threads": args.threads, "rows": [],
             "sweep": None, "sweep_case": None}
     for name in args.models.split(","):
-        model = bench_models.build(name, "cpu", seed=args.seed)
+        model = build_model(name, args.seed)
         counter = CallCounter(model).eval()
-        batch = args.batch or (449 if name == "digits-cnn" else 8)
-        x, y = bench_models.digits_test(batch, args.seed) if name == "digits-cnn" else _robust_inputs(model, batch, args.seed)
-        for eps, alpha in SETTINGS[name]:
+        digits = name.startswith("digits")
+        batch = args.batch or (449 if digits else 8)
+        x, y = bench_models.digits_test(batch, args.seed) if digits else _robust_inputs(model, batch, args.seed)
+        settings = SETTINGS[name] if args.settings is None else [
+            tuple(float(v) for v in pair.split(":")) for pair in args.settings.split(",")]
+        for eps, alpha in settings:
             for steps in [int(s) for s in args.steps.split(",")]:
                 m = measure(counter, x, y, variants(counter, eps, alpha, steps), repeats=args.repeats, clock=args.clock,
                             seed=args.seed)
@@ -158,10 +181,11 @@ def main(argv=None):
     return data["rows"]
 
 
-def write(data, out):
+def write(data, out, render=None):
+    """data as out.json and, rendered (default: this benchmark's markdown), as out.md."""
     out = pathlib.Path(out)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(data))
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text((render or markdown)(data))
 
 
 def _robust_inputs(model, batch, seed):

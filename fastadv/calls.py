@@ -32,6 +32,21 @@ class CallCounter(nn.Module):
     def _count_backward(self, n):
         self.backwards += n
 
+    def mark(self):
+        """The counts now, for repeat_since."""
+        return self.forwards, self.backwards
+
+    def repeat_since(self, mark, times):
+        """Count the calls made since mark `times` more times (negative: fewer). A replayed CUDA
+        graph runs the calls it recorded without calling the model's Python again."""
+        self.forwards += (self.forwards - mark[0]) * times
+        self.backwards += (self.backwards - mark[1]) * times
+
     def per_sample(self, n):
         """(forwards, backwards) per sample of an n-sample run."""
         return self.forwards / n, self.backwards / n
+
+
+def counters(model) -> list:
+    """The CallCounters in a model (itself or any submodule)."""
+    return [m for m in model.modules() if isinstance(m, CallCounter)] if isinstance(model, nn.Module) else []

@@ -22,7 +22,13 @@ A unit's result therefore depends on nothing but the unit, which gives:
   raises StateFileError and is left as it is.
 
 Attack names: see ``ATTACKS``; iterative attacks take a ``-N`` suffix for their
-steps (``pgd-50``, ``apgd-ce-100``, ``square-1000`` queries). Names resolve to the
+steps (``pgd-50``, ``apgd-ce-100``, ``square-1000`` queries). The cascade needs only
+the robust flags, so on the CPU APGD, APGD-T and AutoAttack run with early_stop (a
+point leaves an APGD run once fooled: the same flags, fewer gradient evaluations; see
+fastadv.AutoAttack's early_stop); it is not part of an attack's params, since the
+flags, and so the evaluation, are those of the run without it. On CUDA it stays off:
+there a point's logits changed with the batch it was in (measured on an H200, see
+benchmarks/results/batch_invariance_h200.md), so dropping points could move the others. Names resolve to the
 fastadv attack classes that exist in this build; one that does not exist yet is
 an AttackUnavailable error, raised before any work.
 """
@@ -100,6 +106,9 @@ ATTACKS = {
     "autoattack": ("AutoAttack", "Linf", None, None, {"norm": "Linf", "version": "standard", "n_classes": None, "seed": 0}),
 }
 _STEP_ALPHA = {"pgd", "pgdl2", "mifgsm"}  # alpha = 2.5 * eps / steps (Madry et al.'s rule)
+# Attacks whose flags early_stop leaves unchanged (a point is robust when no APGD iterate fooled
+# it); PGD's flag is its final iterate's, which early stopping would change, so PGD is not here.
+_FLAGS_ONLY_EARLY_STOP = {"apgd-ce", "apgd-dlr", "apgd-t", "autoattack"}
 
 
 def attack_spec(name) -> AttackSpec:
@@ -136,6 +145,8 @@ def attack_spec(name) -> AttackSpec:
             call["n_classes"] = n_classes
         if key in _STEP_ALPHA:
             call["alpha"] = 2.5 * eps / steps
+        if key in _FLAGS_ONLY_EARLY_STOP and model_device(model, torch.device("cpu")).type == "cpu":
+            call["early_stop"] = True
         try:
             return fastadv_attack(class_name)(model, **call)
         except TypeError as e:

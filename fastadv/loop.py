@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from fastadv import backend
+from fastadv import backend, calls
 from fastadv.validation import memory_format
 
 # Models (by id) whose capture failed once: not tried again in this process.
@@ -72,25 +72,44 @@ def _run_graph(update, grad, adv, steps, per_sample, model):
     def step():  # in place: the graph reads and writes the same buffer every replay
         update(static, grad(static), out=static, **per_sample)
 
+    caller = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side.wait_stream(caller)
     with torch.cuda.stream(side):  # the first step runs eagerly: warms up cuDNN/Triton and checks the logits
         step()
-    torch.cuda.current_stream().wait_stream(side)
+    caller.wait_stream(side)
+    counters = calls.counters(model)
+    marks = [c.mark() for c in counters]
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
             step()
     except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
+        _recover_from_failed_capture(caller)
         _uncapturable.add(id(model))
         warnings.warn(f"fastadv: CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=3)
+        for counter, mark in zip(counters, marks):
+            counter.repeat_since(mark, -1)  # the capture recorded a step it never ran
         torch.cuda.synchronize()
         for _ in range(steps - 1):
             static = update(static, grad(static), **per_sample)
         return static
+    for counter, mark in zip(counters, marks):
+        counter.repeat_since(mark, steps - 2)  # counted once while recorded; runs steps - 1 times
     for _ in range(steps - 1):
         graph.replay()
     return static
+
+
+def _recover_from_failed_capture(caller):
+    """Undo what a failed capture leaves behind in torch (seen with torch 2.11 on an H200):
+    torch.cuda.graph's exit raises before it restores the caller's stream, and the device's
+    default generator still believes it is capturing, so the next CUDA random draw raises
+    'Offset increment outside graph capture'. A clone of the generator's state (same seed
+    and offset, not capturing) replaces it."""
+    torch.cuda.set_stream(caller)
+    gen = torch.cuda.default_generators[caller.device.index]
+    gen.graphsafe_set_state(gen.clone_state())
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

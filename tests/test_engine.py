@@ -155,9 +155,31 @@ def test_cuda_graph_equals_eager_and_falls_back():
     bad = Syncing().cuda().eval()
     torch.manual_seed(0)
     eager = F.pgd(bad, x, y, cuda_graph=False)
+    after_eager = torch.rand(5, device="cuda")
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="capture failed"):
         assert_equal(F.pgd(bad, x, y, cuda_graph=True), eager)
+    # the failed capture left neither the capture stream current nor the generator capturing
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert_equal(torch.rand(5, device="cuda"), after_eager)
+    torch.manual_seed(0)
+    assert_equal(F.pgd(model, x, y, cuda_graph=True), outs[0])  # and the next capture works
+
+
+@pytest.mark.gpu
+def test_call_counts_see_cuda_graph_replays():
+    """A replayed graph runs the model without calling it: the counts must equal eager's."""
+    from fastadv.calls import CallCounter
+    from fastadv.models import SmallCNN
+
+    x = torch.rand(32, 1, 8, 8, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    counts = []
+    for graph in (False, True):
+        counter = CallCounter(SmallCNN().cuda().eval())
+        F.pgd(counter, x, y, steps=7, cuda_graph=graph)
+        counts.append(counter.mark())
+    assert counts[0] == counts[1] == (7 * 32, 7 * 32)
 
 
 def test_channels_last_option_keeps_exact_numbers(trained_models, digits):

@@ -153,15 +153,25 @@ class _Objective:
                  precision=None):
         self.forward = forward
         self.y = y
+        self.y_target = y_target
+        self.loss = loss
+        self.arithmetic = arithmetic
         self.eot_iter = eot_iter
         self.check = check
         self.autocast = autocast_dtype(precision)
-        if loss == "ce":
-            self.criterion = lambda z: F.cross_entropy(z, y, reduction="none")
-        elif loss == "dlr":
-            self.criterion = lambda z: dlr_loss(z, y)
-        else:
-            self.criterion = lambda z: dlr_loss_targeted(z, y, y_target, arithmetic)
+
+    def criterion(self, z):
+        if self.loss == "ce":
+            return F.cross_entropy(z, self.y, reduction="none")
+        if self.loss == "dlr":
+            return dlr_loss(z, self.y)
+        return dlr_loss_targeted(z, self.y, self.y_target, self.arithmetic)
+
+    def keep(self, rows):
+        """Go on with these samples only (early stop): each sample's loss is its own, so the rest are unchanged."""
+        self.y = self.y[rows]
+        if self.y_target is not None:
+            self.y_target = self.y_target[rows]
 
     def __call__(self, x_adv):
         x_adv = x_adv.detach().requires_grad_(True)
@@ -230,6 +240,7 @@ def apgd_start(x, eps, *, norm, generator=None, arithmetic="torchattacks"):
 def apgd_single_run(
     forward, x, y, *, norm="Linf", eps=8 / 255, n_iter=10, loss="ce", y_target=None, eot_iter=1, rho=0.75,
     generator=None, arithmetic="torchattacks", backend=None, verbose=False, check=None, precision=None,
+    early_stop=False,
 ):
     """One APGD run from a random start on inputs the caller owns.
 
@@ -243,6 +254,14 @@ def apgd_single_run(
         arithmetic: 'torchattacks' or 'original' (see the module docstring).
         check: called as check(logits, y) with the first logits (input validation), or None.
         precision: None (exact), or 'bf16' / 'fp16' to run the model under autocast (fast mode).
+        early_stop: a sample leaves the run once an iterate fools the model (one host sync per
+            iteration). Its robust flag is then already False, and every sample's state is its
+            own (the loss is summed, the step sizes and checkpoints are per sample), so the
+            others follow exactly their trajectory and every robust flag equals the full run's
+            (on a model whose output for a sample does not depend on the rest of the batch).
+            The leaving sample's x_best_adv is the first iterate that fooled it (the full run
+            returns the last one) and its x_best and loss_best stop there. Ignored for
+            torchattacks' targeted L2 step, which takes the first sample's step size for all.
     Returns (x_best, robust, loss_best, x_best_adv): the highest-loss point, whether
     the sample was classified correctly at every iterate ([N] bool), that loss, and
     the last misclassified iterate (the start where there is none).
@@ -277,8 +296,26 @@ def apgd_single_run(
     counter3 = 0
     loss_best_last_check = loss_best
     reduced_last_check = torch.ones(n, dtype=torch.bool, device=x.device)
+    early_stop = early_stop and not first_step_only
+    if early_stop:
+        active = torch.arange(n, device=x.device)
+        out = (x_best.clone(), torch.zeros_like(robust), loss_best.clone(), x_best_adv.clone())
 
     for i in range(n_iter):
+        if early_stop and not bool(robust.all()):  # the one host sync per iteration of early stopping
+            keep = robust.nonzero().flatten()
+            gone = active[~robust]
+            out[0][gone], out[2][gone], out[3][gone] = x_best[~robust], loss_best[~robust], x_best_adv[~robust]
+            active = active[keep]
+            if active.numel() == 0:
+                return out
+            x, y, eps, step, x_adv, x_old, grad, x_best, grad_best, x_best_adv, loss_best, loss_best_last_check, \
+                reduced_last_check, robust = (t[keep] for t in (
+                    x, y, eps, step, x_adv, x_old, grad, x_best, grad_best, x_best_adv, loss_best,
+                    loss_best_last_check, reduced_last_check, robust))
+            loss_steps = loss_steps[:, keep]
+            objective.keep(keep)
+            n = active.numel()
         a = 0.75 if i > 0 else 1.0
         if norm == "Linf":
             x_next = ops.apgd_linf_step(x_adv, x_old, x, grad, step=step, eps=eps, a=a, backend=backend)
@@ -322,6 +359,9 @@ def apgd_single_run(
             counter3 = 0
             k = max(k - size_decr, n_iter_min)
 
+    if early_stop:
+        out[0][active], out[1][active], out[2][active], out[3][active] = x_best, robust, loss_best, x_best_adv
+        return out
     return x_best, robust, loss_best, x_best_adv
 
 
@@ -360,8 +400,10 @@ def apgd_loop(
         robust: [N] bool, the samples to attack (default: those forward classifies correctly).
         engine: fastadv.engine.EngineOptions. precision runs the model under autocast and
             channels_last the run in that layout (both change the numbers); early_stop
-            and cuda_graph do not apply (APGD already stops attacking fooled samples at
-            each restart, and its checkpoints are host-side control flow).
+            also stops each run on a sample once it is fooled (apgd_single_run): the
+            same robust flags, fewer gradient evaluations, and a fooled sample gets the
+            first iterate that fooled it instead of the last; cuda_graph does not apply
+            (the checkpoints are host-side control flow).
     Returns (adv, robust): adv [N, ...] holds the adversarial point of every fooled
     sample and x elsewhere; robust [N] bool is False where the sample was
     misclassified (clean or by some run).
@@ -418,7 +460,7 @@ def apgd_loop(
             _, robust_sub, _, adv_sub = apgd_single_run(
                 forward, x_sub, y_sub, norm=norm, eps=eps[idx], n_iter=n_iter, loss=loss, y_target=y_target,
                 eot_iter=eot_iter, rho=rho, generator=generator, arithmetic=arithmetic, backend=backend,
-                verbose=verbose, check=check, precision=engine.precision,
+                verbose=verbose, check=check, precision=engine.precision, early_stop=engine.early_stop,
             )
             robust.index_copy_(0, idx, robust_sub)
             adv.index_copy_(0, idx, torch.where(_column(robust_sub, x_sub), x_sub, adv_sub))

@@ -32,6 +32,8 @@ import torch
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.fab import check_norm, fab_loop
+from fastadv.calls import CallCounter
+from fastadv.engine import EXACT, EngineOptions, attacked_module
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -133,6 +135,24 @@ class AutoAttack(Attack):
         batch_size (int, keyword): chunk size of the robust points each attack receives, as
             the original's run_standard_evaluation(bs=...). (Default: 250)
         backend (str, keyword): backend of the APGD step ops.
+        early_stop (bool, keyword): the shortcut for evaluations that need only the robust
+            flags. APGD and APGD-T stop iterating a point as soon as one of their iterates
+            fools the model. A point's flag cannot change after that (APGD flags a point
+            that any iterate fooled) and every other point's run is its own (summed loss,
+            per-sample step sizes and checkpoints, the same random draws at each restart,
+            which only the still-robust points receive), so the robust flags after every
+            stage, the report and robust_accuracy equal the run without it; APGD and APGD-T
+            compute fewer gradients (``report`` counts them). The returned image of a point
+            that APGD fools is then the first iterate that fooled it, where the original
+            returns the last one, so it is off by default: the default returns the
+            original's images bit for bit. It stays off with EOT (eot_iter > 1, the 'rand'
+            version) and for a model with modules in training mode, whose random draws
+            depend on the batch. Like fastadv's cycle_exit, it assumes the model's output
+            for a point does not depend on the rest of the batch: true of PyTorch's CPU
+            kernels on every model tested (tests/test_autoattack_flags.py), not of CUDA's,
+            where a point's logits changed with the batch size (an H200: up to 1.3e-4 on a
+            ResNet-18, 4e-7 without TF32; benchmarks/results/batch_invariance_h200.md), so
+            there a point at the decision boundary may get another flag. (Default: False)
 
     The sub-attacks' settings are exposed under the original's names and may be changed
     before a call: ``apgd`` (n_iter, n_restarts, eot_iter, rho), ``apgd_targeted`` (n_iter,
@@ -143,7 +163,9 @@ class AutoAttack(Attack):
     setting ``aa.apgd.n_iter`` afterwards keeps the 100-iteration schedule).
 
     After a call, ``report`` lists one dict per stage ('clean', then each attack run):
-    attack, robust_accuracy (fraction), n_robust, time_s (the stage's wall time);
+    attack, robust_accuracy (fraction), n_robust, time_s (the stage's wall time),
+    forwards and backwards (the stage's model calls in samples: a forward of a chunk of
+    250 adds 250; backwards are the gradient evaluations);
     ``robust_flags`` maps each stage to its per-sample [N] bool robust flags;
     ``robust_accuracy`` is the final robust accuracy; ``y_adv`` the predictions on the
     returned images. ``summary()`` formats the report; ``run_standard_evaluation(x, y)``
@@ -168,8 +190,11 @@ class AutoAttack(Attack):
     """
 
     def __init__(self, model, norm="Linf", eps=8 / 255, version="standard", n_classes=10, seed=0, verbose=False, *,
-                 attacks=None, steps=None, n_queries=None, batch_size=250, backend=None):
+                 attacks=None, steps=None, n_queries=None, batch_size=250, backend=None, early_stop=False):
         super().__init__("AutoAttack", model, backend=backend)
+        if not isinstance(early_stop, bool):
+            raise TypeError(f"early_stop must be a bool, got {type(early_stop).__name__}")
+        self.early_stop = early_stop
         self.norm = check_norm(norm)
         self.eps = validation.check_budget(eps, "eps")
         self.version = check_version(version)
@@ -233,10 +258,11 @@ class AutoAttack(Attack):
         n = x.shape[0]
         bs = self.batch_size
         start = time.time()
+        forward = CallCounter(self.get_logits)  # the model calls of each stage, for the report
         with torch.no_grad():
             y_adv = torch.empty_like(y)
             for s in range(0, n, bs):
-                logits = self.get_logits(x[s:s + bs])
+                logits = forward(x[s:s + bs])
                 if s == 0:
                     self._check_classes(logits, y[:bs], y)
                 y_adv[s:s + bs] = logits.max(1)[1]
@@ -244,7 +270,7 @@ class AutoAttack(Attack):
         x_adv = x.clone()
         self.report = []
         self.robust_flags = {}
-        self._record("clean", robust, n, time.time() - start)
+        self._record("clean", robust, n, time.time() - start, forward)
 
         for name in self.attacks_to_run:
             t0 = time.time()
@@ -255,14 +281,14 @@ class AutoAttack(Attack):
                 break
             for chunk in idx.split(bs):
                 xs, ys = x[chunk], y[chunk]
-                adv = self._run_attack(name, xs, ys)
+                adv = self._run_attack(name, xs, ys, forward)
                 with torch.no_grad():
-                    pred = self.get_logits(adv).max(1)[1]
+                    pred = forward(adv).max(1)[1]
                 fooled = pred != ys
                 robust[chunk] = ~fooled
                 y_adv[chunk] = torch.where(fooled, pred, y_adv[chunk])
                 x_adv[chunk] = torch.where(fooled.view(-1, *([1] * (x.dim() - 1))), adv, x_adv[chunk])
-            self._record(name, robust, n, time.time() - t0)
+            self._record(name, robust, n, time.time() - t0, forward)
 
         self._check_square()
         self.y_adv = y_adv
@@ -270,10 +296,12 @@ class AutoAttack(Attack):
             print(self.summary())
         return x_adv
 
-    def _record(self, name, robust, n, seconds):
+    def _record(self, name, robust, n, seconds, counter):
         n_robust = int(robust.sum().item())
         acc = n_robust / n if n else 0.0
-        self.report.append({"attack": name, "robust_accuracy": acc, "n_robust": n_robust, "time_s": seconds})
+        self.report.append({"attack": name, "robust_accuracy": acc, "n_robust": n_robust, "time_s": seconds,
+                            "forwards": counter.forwards, "backwards": counter.backwards})
+        counter.reset()
         self.robust_flags[name] = robust.clone()
         if self.verbose:
             what = "initial accuracy" if name == "clean" else f"robust accuracy after {name.upper()}"
@@ -292,9 +320,14 @@ class AutoAttack(Attack):
                     stacklevel=4,
                 )
 
-    def _run_attack(self, name, x, y):
+    def _apgd_engine(self, eot_iter):
+        """APGD's engine options: early stopping where it keeps every flag (see early_stop)."""
+        module = attacked_module(self.model)
+        training = module is not None and any(m.training for m in module.modules())
+        return EngineOptions(early_stop=True) if self.early_stop and eot_iter == 1 and not training else EXACT
+
+    def _run_attack(self, name, x, y, forward):
         """One sub-attack on a chunk of robust points, seeded afresh; returns its adversarial images."""
-        forward = self.get_logits
         seed = self.get_seed()
         common = dict(norm=self.norm, eps=self.eps)
         if name in ("apgd-ce", "apgd-dlr"):
@@ -303,7 +336,8 @@ class AutoAttack(Attack):
             s = self.apgd
             adv, _ = apgd_loop(
                 forward, x, y, n_iter=s.n_iter, n_restarts=s.n_restarts, loss=name[5:], eot_iter=s.eot_iter,
-                rho=s.rho, seed=seed, arithmetic="original", backend=self.backend, **common,
+                rho=s.rho, seed=seed, arithmetic="original", backend=self.backend,
+                engine=self._apgd_engine(s.eot_iter), **common,
             )
         elif name == "apgd-t":
             from fastadv.attacks.apgdt import apgdt_loop
@@ -311,7 +345,8 @@ class AutoAttack(Attack):
             s = self.apgd_targeted
             adv, _ = apgdt_loop(
                 forward, x, y, n_target_classes=s.n_target_classes, n_iter=s.n_iter, n_restarts=s.n_restarts,
-                eot_iter=s.eot_iter, rho=s.rho, seed=seed, arithmetic="original", backend=self.backend, **common,
+                eot_iter=s.eot_iter, rho=s.rho, seed=seed, arithmetic="original", backend=self.backend,
+                engine=self._apgd_engine(s.eot_iter), **common,
             )
         elif name in ("fab", "fab-t"):
             s = self.fab
@@ -348,18 +383,20 @@ class AutoAttack(Attack):
         lines = [f"AutoAttack ({self.version}, {self.norm}, eps={self.eps:.5g})"]
         for e in self.report:
             label = "clean" if e["attack"] == "clean" else e["attack"].upper()
-            lines.append(f"  {label:<9} robust accuracy {e['robust_accuracy']:7.2%} ({e['n_robust']}) {e['time_s']:8.2f} s")
+            lines.append(f"  {label:<9} robust accuracy {e['robust_accuracy']:7.2%} ({e['n_robust']}) {e['time_s']:8.2f} s"
+                         f"  {e['forwards']} forwards, {e['backwards']} gradients")
         lines.append(f"  total     {sum(e['time_s'] for e in self.report):.2f} s")
         return "\n".join(lines)
 
 
 def autoattack(model, images, labels, *, norm="Linf", eps=8 / 255, version="standard", n_classes=10, seed=0,
-               attacks=None, steps=None, n_queries=None, batch_size=250, verbose=False, backend=None):
+               attacks=None, steps=None, n_queries=None, batch_size=250, verbose=False, backend=None, early_stop=False):
     """AutoAttack as the original runs it (see AutoAttack for the arguments).
 
     Returns the adversarial images on the model's device: each point's first successful
     adversarial example, the clean image where every attack fails.
     """
     atk = AutoAttack(model, norm=norm, eps=eps, version=version, n_classes=n_classes, seed=seed, verbose=verbose,
-                     attacks=attacks, steps=steps, n_queries=n_queries, batch_size=batch_size, backend=backend)
+                     attacks=attacks, steps=steps, n_queries=n_queries, batch_size=batch_size, backend=backend,
+                     early_stop=early_stop)
     return atk(images, labels)
