@@ -2,19 +2,24 @@
 
     .venv/bin/python -m benchmarks.make_image_folder /tmp/f10k --images 10000
     .venv/bin/python -m benchmarks.make_image_folder /tmp/f40k --images 40000
-    .venv/bin/python -m benchmarks.bench_streaming memory --folder /tmp/f10k --folder /tmp/f40k \\
-        [--baseline-tree DIR --baseline-name main]   # DIR: an exported tree of another commit
-    .venv/bin/python -m benchmarks.bench_streaming throughput --folder /tmp/f10k --workers 0 2
+    .venv/bin/python -m benchmarks.bench_streaming memory --folder /tmp/f10k --folder /tmp/f40k --workers 0 2 \\
+        [--plots] [--baseline-tree DIR --baseline-name main]   # DIR: an exported tree of another commit
+    .venv/bin/python -m benchmarks.bench_streaming throughput --folder /tmp/f40k --workers 0 2
 
-memory: each command runs in its own process; a sampler reads VmRSS of the process and
-all its descendants (DataLoader workers) from /proc every 50 ms. Reported: the peak of
-that sum over the tree (shared pages counted once per process: an upper bound) and
-the largest single process (ru_maxrss from wait4). The model is an MLP with 16 hidden
-units (`--model fastadv.models:MLP`), so that the data path, not the model, sets the
-memory and the run time: `train --method fgsm-rs --epochs 1` then `eval --attack fgsm`
-with the checkpoint it wrote. With --baseline-tree the same commands also run with
-PYTHONPATH set to that tree (the code before streaming: it decodes every image into
-one array first).
+memory: each command runs in its own process, as a user runs it (progress bar on);
+every 0.1 s a sampler reads, for the process and all its descendants (DataLoader
+workers), PSS from /proc/PID/smaps_rollup and VmRSS and VmHWM from /proc/PID/status.
+Reported: the peak of PSS summed over the tree (the honest total: a page shared by k
+processes, like the torch libraries the workers inherit, counts 1/k in each), the peak
+of RSS summed over the tree (shared pages once per process: an upper bound), and the
+largest single process's own peak RSS (VmHWM, exact, and ru_maxrss from wait4). The
+model is an MLP with 16 hidden units (`--model fastadv.models:MLP`), so that the data
+path, not the model, sets the memory and the run time: `train --method fgsm-rs
+--epochs 1` then `eval --attack fgsm` with the checkpoint it wrote; each writes a
+--report, whose images/s are recorded with the row, and whether the progress bar showed
+img/s; with --plots also `eval --attack fgsm --plots DIR` (the robust-accuracy curve:
+four more evaluations of the stream, and six examples drawn). With --baseline-tree the same commands also run with PYTHONPATH set to that tree
+(the code before streaming: it decodes every image into one array first).
 
 throughput: images/s of the loader alone (fastadv.datasets.open_data's DataLoader,
 decoding every image once in batches of 128) against the whole `fastadv train
@@ -44,24 +49,57 @@ MLP = ["--model", "fastadv.models:MLP", "--model-args", '{"in_features": 12288, 
 RESULTS = ROOT / "benchmarks" / "results" / "streaming_cpu"
 
 
-def _tree_rss_kb(pid):
-    """VmRSS of pid and all its descendants, in kB."""
-    total, stack = 0, [pid]
+def _tree_pids(pid):
+    """pid and all its descendants (DataLoader workers), from /proc."""
+    pids, stack = [], [pid]
     while stack:
         p = stack.pop()
+        pids.append(p)
         try:
-            with open(f"/proc/{p}/status") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     stack.extend(int(c) for c in f.read().split())
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return total
+    return pids
 
 
-def measure(cmd, env, cwd):
-    """(returncode, seconds, peak tree RSS MiB, largest process MiB, stderr tail)."""
+def _fields(path, names):
+    """{name: kB} of the 'Name:   123 kB' lines of a /proc file (missing: 0)."""
+    out = dict.fromkeys(names, 0)
+    try:
+        with open(path) as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in out:
+                    out[key] = int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return out
+
+
+def _sample(pid, hwm):
+    """(PSS summed over the tree, RSS summed over the tree, in kB; the number of processes);
+    records each process's VmHWM (its own exact peak RSS) in hwm."""
+    pss = rss = 0
+    pids = _tree_pids(pid)
+    for p in pids:
+        pss += _fields(f"/proc/{p}/smaps_rollup", ("Pss",))["Pss"]
+        status = _fields(f"/proc/{p}/status", ("VmRSS", "VmHWM"))
+        rss += status["VmRSS"]
+        hwm[p] = max(hwm.get(p, 0), status["VmHWM"])
+    return pss, rss, len(pids)
+
+
+def measure(cmd, env, cwd, interval=0.1):
+    """Runs cmd and samples its process tree every interval seconds. Returns a dict:
+    returncode, seconds, peak_tree_pss_mib (the peak of PSS summed over the tree: a
+    shared page is split among the processes that map it, so the torch libraries the
+    workers share with the main process count once), peak_tree_rss_mib (the peak of
+    RSS summed over the tree: shared pages once per process, an upper bound),
+    largest_process_rss_mib (the largest single process's own peak RSS: VmHWM, and
+    ru_maxrss from wait4, which also covers a child that ended between two samples),
+    processes (most seen at once) and stderr (its tail)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err, ended = [], {}
@@ -69,14 +107,18 @@ def measure(cmd, env, cwd):
     waiter = threading.Thread(target=lambda: ended.update(zip(("pid", "status", "usage"), os.wait4(proc.pid, 0))))
     reader.start()
     waiter.start()
-    peak = 0
+    peak_pss = peak_rss = processes = 0
+    hwm = {}
     while waiter.is_alive():
-        peak = max(peak, _tree_rss_kb(proc.pid))
-        time.sleep(0.05)
+        pss, rss, n = _sample(proc.pid, hwm)
+        peak_pss, peak_rss, processes = max(peak_pss, pss), max(peak_rss, rss), max(processes, n)
+        time.sleep(interval)
     reader.join()
     seconds = time.perf_counter() - t0
-    largest = ended["usage"].ru_maxrss  # kB: the process, or a descendant it waited for if larger
-    return os.waitstatus_to_exitcode(ended["status"]), seconds, peak / 1024, largest / 1024, "".join(err)[-2000:]
+    largest = max([ended["usage"].ru_maxrss, *hwm.values()])  # kB
+    return {"returncode": os.waitstatus_to_exitcode(ended["status"]), "seconds": seconds,
+            "peak_tree_pss_mib": peak_pss / 1024, "peak_tree_rss_mib": peak_rss / 1024,
+            "largest_process_rss_mib": largest / 1024, "processes": processes, "stderr": "".join(err)}
 
 
 def _env(tree=None):
@@ -98,23 +140,42 @@ def memory(args):
         for name, tree, options in versions:
             for extra in options:
                 with tempfile.TemporaryDirectory() as tmp:
-                    ckpt = os.path.join(tmp, "m.pt")
+                    ckpt, report = os.path.join(tmp, "m.pt"), os.path.join(tmp, "report.json")
                     py = [sys.executable, "-m", "fastadv"]
-                    common = ["--data", folder, "--eps", "0.03", "--batch-size", "128", "--quiet", *extra]
-                    for command, argv in (("train fgsm-rs 1 epoch", ["train", *common, *MLP, "--method", "fgsm-rs",
-                                                                      "--epochs", "1", "--out", ckpt]),
-                                          ("eval fgsm", ["eval", *common, "--checkpoint", ckpt, "--attack", "fgsm"])):
-                        rc, seconds, tree_mib, largest_mib, err = measure(py + argv, _env(tree), tmp)
-                        if rc != 0:
-                            raise SystemExit(f"{name} {command} on {folder} failed ({rc}):\n{err}")
+                    common = ["--data", folder, "--eps", "0.03", "--batch-size", "128", "--report", report,
+                              "--overwrite", *extra]  # no --quiet: the progress bar is part of the run
+                    commands = [("train fgsm-rs 1 epoch", ["train", *common, *MLP, "--method", "fgsm-rs", "--epochs", "1",
+                                                           "--out", ckpt]),
+                                ("eval fgsm", ["eval", *common, "--checkpoint", ckpt, "--attack", "fgsm"])]
+                    if args.plots:  # 4 more evaluations (eps/4 .. eps) and 6 examples drawn
+                        commands.append(("eval fgsm --plots", [*commands[1][1], "--plots", os.path.join(tmp, "plots")]))
+                    for command, argv in commands:
+                        m = measure(py + argv, _env(tree), tmp)
+                        if m["returncode"] != 0:
+                            raise SystemExit(f"{name} {command} on {folder} failed ({m['returncode']}):\n"
+                                             f"{m['stderr'][-2000:]}")
                         row = {"case": "memory", "code": name, "command": command, "images": n,
-                               "workers": int(extra[1]) if extra else 0, "peak_tree_rss_mib": round(tree_mib),
-                               "largest_process_rss_mib": round(largest_mib), "seconds": round(seconds, 1),
+                               "workers": int(extra[1]) if extra else 0,
+                               **{k: round(m[k]) for k in ("peak_tree_pss_mib", "peak_tree_rss_mib",
+                                                           "largest_process_rss_mib")},
+                               "processes": m["processes"], "seconds": round(m["seconds"], 1),
+                               "images_per_s": _run_images_per_s(report),
+                               "progress_bar_shows_images_per_s": " img/s" in m["stderr"],
                                "argv": " ".join(["fastadv", *argv]).replace(tmp, "TMP")}
                         print(json.dumps(row), flush=True)
                         rows.append(row)
                         write([row])
     return rows
+
+
+def _run_images_per_s(report):
+    """Images/s of a run from its --report: the training epoch's, or the evaluation's
+    (None from code whose reports lack them)."""
+    r = json.loads(pathlib.Path(report).read_text())
+    if "history" in r:
+        epoch = r["history"][0]
+        return round(epoch["images"] / epoch["seconds"], 1) if "images" in epoch else None
+    return round(r["images_per_second"], 1) if r.get("images_per_second") else None
 
 
 def throughput(args):
@@ -155,6 +216,19 @@ def _key(row):
     return tuple(row.get(k) for k in ("case", "code", "command", "images", "workers"))
 
 
+def _short(commit):
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
+def _load(row):
+    load = row.get("load_average_1m_5m_15m")
+    return "-" if not load else load[0]
+
+
+def _cell(row, key):
+    return "-" if row.get(key) is None else row[key]
+
+
 def write(rows):
     """Adds rows to the results (replacing earlier rows of the same case, code, command,
     images and workers); several runs of this script may add to one file."""
@@ -169,24 +243,39 @@ def write(rows):
                   key=lambda r: [str(v) for v in _key(r)])
     path.write_text(json.dumps({"schema": 1, "rows": rows}, indent=1) + "\n")
     lines = ["# Streaming data: peak memory and throughput (CPU)", "",
-             "Written by `python -m benchmarks.bench_streaming` (see its docstring for the method).", ""]
+             "Written by `python -m benchmarks.bench_streaming` (see its docstring for the method). Code: `this` "
+             "is the commit in the row; `main (ff07048)` is that commit's fastadv (an exported tree on PYTHONPATH, "
+             "which decodes every image into one array first) run by the bench at the row's commit.", ""]
     mem = [r for r in rows if r["case"] == "memory"]
     if mem:
-        lines += ["| code | command | images | workers | peak RSS, process tree (MiB) | largest process (MiB) | seconds |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['code']} | {r['command']} | {r['images']} | {r['workers']} | {r['peak_tree_rss_mib']} | "
-                  f"{r['largest_process_rss_mib']} | {r['seconds']} |" for r in mem]
+        lines += ["Peak memory in MiB. PSS tree: proportional set size summed over the process and its DataLoader "
+                  "workers (shared pages split among the processes that map them; sampled every 0.1 s from "
+                  "/proc/PID/smaps_rollup). RSS tree: resident set size summed the same way (shared pages counted "
+                  "once per process: an upper bound). Largest process: the largest single process's own peak RSS "
+                  "(VmHWM, ru_maxrss). Images/s: the training epoch's or the evaluation's, from its report "
+                  "(times depend on the machine's load; memory does not).", "",
+                  "| code | command | images | workers | PSS tree | RSS tree | largest process | processes | "
+                  "images/s | seconds | commit | date | load 1m |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+        lines += [f"| {r['code']} | {r['command']} | {r['images']} | {r['workers']} | {_cell(r, 'peak_tree_pss_mib')} | "
+                  f"{r['peak_tree_rss_mib']} | {r['largest_process_rss_mib']} | {_cell(r, 'processes')} | "
+                  f"{_cell(r, 'images_per_s')} | {r['seconds']} | {_short(r['commit'])} | {r['date'][:16]} | "
+                  f"{_load(r)} |" for r in mem]
         lines.append("")
     thr = [r for r in rows if r["case"] == "throughput"]
     if thr:
-        lines += ["| images | workers | loader alone (images/s) | whole train epoch, fgsm-rs SmallCNN (images/s) |",
-                  "|---:|---:|---:|---:|"]
+        lines += ["Throughput in images/s: the loader alone (fastadv.datasets.open_data's DataLoader decoding every "
+                  "image once, batches of 128) and the whole `fastadv train --method fgsm-rs` epoch of SmallCNN "
+                  "(the default model), with the same number of workers.", "",
+                  "| images | workers | loader alone | whole train epoch, fgsm-rs SmallCNN | commit | date | load 1m |",
+                  "|---:|---:|---:|---:|---|---|---:|"]
         lines += [f"| {r['images']} | {r['workers']} | {r['loader_images_per_s']} | "
-                  f"{r['train_fgsm_rs_smallcnn_images_per_s']} |" for r in thr]
+                  f"{r['train_fgsm_rs_smallcnn_images_per_s']} | {_short(r['commit'])} | {r['date'][:16]} | "
+                  f"{_load(r)} |" for r in thr]
         lines.append("")
     r0 = rows[-1]
-    lines.append(f"{r0['device']}, commit {r0['commit']}, torch {r0['torch']}, python {r0['python']}, {r0['date']}, "
-                 f"load average {r0['load_average_1m_5m_15m']} (a machine shared with other jobs)")
+    lines.append(f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}, python {r0['python']}; "
+                 "the machine is shared with other jobs (load average at the end of each row's run).")
     RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {path} and {RESULTS.with_suffix('.md')}")
 
@@ -199,6 +288,7 @@ def main(argv=None):
     p.add_argument("--baseline-tree", help="an exported tree of the code to compare with (PYTHONPATH)")
     p.add_argument("--baseline-name", default="baseline")
     p.add_argument("--baseline-only", action="store_true", help="measure only the baseline tree")
+    p.add_argument("--plots", action="store_true", help="memory: also `eval --attack fgsm --plots DIR`")
     args = p.parse_args(argv)
     memory(args) if args.case == "memory" else throughput(args)
 

@@ -253,7 +253,9 @@ def evaluate(model, data, *args, eps, batch_size=None, state_path=None, seed=0, 
     module docs). Under torch.distributed every rank passes the same arguments, reads
     only the batches dealt to it and gets the same report; only rank 0 writes the
     state file. A streamed batch with images outside [0, 1] or labels outside the
-    model's classes raises EvaluationError naming the batch.
+    model's classes raises EvaluationError naming the batch; under torch.distributed
+    a rank whose batch fails stops every rank in the same round (the others raise
+    EvaluationError naming that rank and batch) instead of leaving them waiting.
     """
     data, args = split_data_args(data, args, "evaluate")
     if len(args) != 1:
@@ -306,9 +308,18 @@ def evaluate(model, data, *args, eps, batch_size=None, state_path=None, seed=0, 
                                       f"got labels in [{lo}, {hi}]")
         # rank 0 identifies the data (a dataset without its own fingerprint is read whole,
         # and only when there is a state file to check); the other ranks read only their shards
-        data_id = source.identity(read=state_path is not None) if rank == 0 else None
+        data_id = None
+        if rank == 0:
+            try:
+                data_id = source.identity(read=state_path is not None)
+            except Exception as e:  # a data set read whole can fail on rank 0 alone: every rank raises it
+                if world == 1:
+                    raise
+                data_id = e
         if world > 1:
             data_id = broadcast_object(data_id)
+            if isinstance(data_id, Exception):
+                raise data_id
         description = {
             "attacks": names, "eps": float(eps), "batch_size": int(batch_size), "seed": int(seed), "n": int(n),
             "model_sha256": model_digest(model), "data_sha256": data_id,
@@ -362,29 +373,45 @@ def evaluate(model, data, *args, eps, batch_size=None, state_path=None, seed=0, 
             batches = read([rows for _, rows in work if len(rows)], n_classes, k)
             work = iter(work)
             t0 = time.perf_counter()
+
+            def unit(mine):
+                """The per-sample flags of this rank's unit (batch mine) of attack k."""
+                nonlocal attack, images
+                b, rows = next(work)
+                lo = b * batch_size
+                if k == 0:
+                    xb, yb = next(batches)
+                    with torch.no_grad():
+                        result = (model(xb).argmax(1) == yb).cpu()
+                else:
+                    result = flags[k - 1, lo:min(lo + batch_size, n)].clone()
+                    if len(rows):
+                        xb, yb = next(batches)
+                        if attack is None:
+                            attack = spec.build(model, eps, n_classes)
+                        torch.manual_seed(_unit_seed(seed, k, mine))
+                        result[result.clone()] = _still_correct(model, attack, spec, xb, yb, eps, device)
+                images += len(rows)
+                return result
+
             for r0 in range(0, len(remaining), world):
                 mine = remaining[r0 + rank] if r0 + rank < len(remaining) else None
-                result = None
-                if mine is not None:
-                    b, rows = next(work)
-                    lo = b * batch_size
-                    if k == 0:
-                        xb, yb = next(batches)
-                        with torch.no_grad():
-                            result = (model(xb).argmax(1) == yb).cpu()
-                    else:
-                        result = flags[k - 1, lo:min(lo + batch_size, n)].clone()
-                        if len(rows):
-                            xb, yb = next(batches)
-                            if attack is None:
-                                attack = spec.build(model, eps, n_classes)
-                            torch.manual_seed(_unit_seed(seed, k, mine))
-                            result[result.clone()] = _still_correct(model, attack, spec, xb, yb, eps, device)
-                    images += len(rows)
-                batch_ids = [mine]
-                results = [result]
-                if world > 1:
-                    batch_ids, results = _gather_round(mine, result, batch_size, device)
+                if world == 1:
+                    batch_ids, results = [mine], [unit(mine)]
+                else:  # a rank that fails (a bad batch, say) tells the others, so that every rank stops
+                    failure, result = None, None
+                    try:
+                        result = None if mine is None else unit(mine)
+                    except Exception as e:
+                        failure = e
+                    batch_ids, results, failed = _gather_round(mine, result, batch_size, device, failure is not None)
+                    if failed:
+                        if failure is not None:
+                            raise failure
+                        r = failed[0]
+                        raise EvaluationError(f"rank {r} failed on batch {batch_ids[r]} "
+                                              f"({'clean pass' if k == 0 else spec.name}), so every rank stops; "
+                                              f"rank {r}'s error says why")
                 for b, res in zip(batch_ids, results):
                     if b is None:
                         continue
@@ -436,24 +463,31 @@ def _check_tensors(x, y):
         raise EvaluationError(f"images must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
 
 
-def _gather_round(mine, result, batch_size, device):
-    """All ranks' (batch index, flags) of one round."""
+def _gather_round(mine, result, batch_size, device, failed=False):
+    """All ranks' batch indices and flags of one round, and the ranks that failed
+    (failed: this rank's unit raised; it sends its batch index and no flags)."""
     import torch.distributed as dist
 
     comm = comm_device(device)
     buf = torch.full((batch_size + 2,), -1, dtype=torch.int64, device=comm)
     if mine is not None:
-        buf[0], buf[1] = mine, len(result)
-        buf[2:2 + len(result)] = result.to(comm, torch.int64)
+        buf[0] = mine
+        if failed:
+            buf[1] = -2
+        else:
+            buf[1] = len(result)
+            buf[2:2 + len(result)] = result.to(comm, torch.int64)
     bufs = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
     dist.all_gather(bufs, buf)
-    ids, results = [], []
-    for t in bufs:
+    ids, results, failures = [], [], []
+    for r, t in enumerate(bufs):
         t = t.cpu()
         b, m = int(t[0]), int(t[1])
         ids.append(None if b < 0 else b)
-        results.append(None if b < 0 else t[2:2 + m].bool())
-    return ids, results
+        results.append(None if b < 0 or m < 0 else t[2:2 + m].bool())
+        if m == -2:
+            failures.append(r)
+    return ids, results, failures
 
 
 def to_json(report) -> str:

@@ -134,14 +134,20 @@ def test_a_bad_streamed_batch_is_named(test_set, trained_models):
         fit(SmallCNN(), "digits", TrainConfig(method="plain"))
 
 
+def torchrun_env():
+    """This checkout on the path, one thread per process, no distributed variables of a caller."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
 def test_distributed_evaluation_of_a_dataloader_reads_only_each_ranks_shard(tmp_path, test_set, trained_models):
     x, y = test_set[0][:100], test_set[1][:100]  # 4 batches of 32: 3 rounds, the last one with a short batch
     torch.save({"model": trained_models["cnn"].state_dict(), "x": x, "y": y}, tmp_path / "in.pt")
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = torchrun_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -155,6 +161,26 @@ def test_distributed_evaluation_of_a_dataloader_reads_only_each_ranks_shard(tmp_
         assert torch.equal(r["flags"], single["robust_flags"])
         reads.append(set(r["clean_reads"]))
     assert reads[0].isdisjoint(reads[1]) and reads[0] | reads[1] == set(range(100))  # each rank read its shard only
+    # a bad sample in rank 1's batch 1: rank 1 names it, rank 0 stops in the same round instead of waiting
+    errors = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["bad_batch_error"] for rank in (0, 1)]
+    assert errors[1] == "EvaluationError: batch of samples 32..63 (clean pass): images must lie in [0, 1], got values in [0, 2]"
+    assert errors[0] == "EvaluationError: rank 1 failed on batch 1 (clean pass), so every rank stops; rank 1's error says why"
+
+
+def test_an_unreadable_image_under_torchrun_stops_both_training_ranks(tmp_path, test_set):
+    """One rank's DataError while the other waits in DDP's gradient all_reduce: the failing
+    process exits, gloo's peer sees the closed connection and torchrun stops the group,
+    within seconds (the process group's own timeout would be 30 minutes)."""
+    root = write_folder(tmp_path / "f", test_set[0][:64], test_set[1][:64])
+    bad = sorted(root.glob("class_*/*.png"))[37]
+    bad.write_bytes(bad.read_bytes()[:40])
+    env = torchrun_env()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fastadv", "train", "--data", str(root), "--method", "fgsm-rs", "--eps", "0.1",
+                           "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path / "m.pt"), "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)  # a hang: TimeoutExpired
+    assert proc.returncode != 0 and f"cannot read image {bad}" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "m.pt").exists()
 
 
 RANK_SCRIPT = r"""
@@ -166,6 +192,14 @@ from fastadv.models import SmallCNN
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 d = torch.load("in.pt", weights_only=True)
+
+class Pairs(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+    def __len__(self):
+        return len(self.y)
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
 
 class Logged(Dataset):
     reads = []
@@ -183,9 +217,16 @@ loader = DataLoader(data, batch_size=32)
 fastadv.evaluate(model.eval(), loader, [], eps=0.2)
 clean_reads = Logged.reads[1:]
 r = fastadv.evaluate(model.eval(), loader, ["fgsm", "pgd-3"], eps=0.2)
+bad = d["x"].clone()
+bad[40] = 2.0  # in batch 1 (samples 32..63): rank 1's
+try:
+    fastadv.evaluate(model.eval(), DataLoader(Pairs(bad, d["y"]), batch_size=32), ["fgsm"], eps=0.2)
+    error = "none"
+except Exception as e:
+    error = f"{type(e).__name__}: {e}"
 torch.save({"n": r["n"], "world_size": r["world_size"], "clean": r["clean"]["correct"],
             "robust": [a["robust"] for a in r["attacks"]], "flags": r["robust_flags"],
-            "clean_reads": clean_reads}, f"rank{rank}.pt")
+            "clean_reads": clean_reads, "bad_batch_error": error}, f"rank{rank}.pt")
 dist.destroy_process_group()
 """
 
@@ -220,6 +261,29 @@ def test_folder_cifar_and_npy_give_the_numbers_of_the_same_tensors(tmp_path, cap
         r = report_of(capsys, *base, *argv, tmp_path=tmp_path, name=name.replace(" ", "_").replace(",", ""))
         assert r["n"] == 150 and r["clean"] == {**ref["clean"], "seconds": r["clean"]["seconds"]}, name
         assert [a["robust"] for a in r["attacks"]] == [a["robust"] for a in ref["attacks"]], name
+
+
+def test_eval_plots_on_a_streamed_folder_equal_those_of_the_same_tensors(tmp_path, capsys, cnn_ckpt, test_set):
+    """--plots on a streamed folder (evaluated batch by batch at every eps): the curve of the
+    same images as tensors, and both figures."""
+    import json
+
+    from PIL import Image
+
+    x, y = folder_order(*test_set)
+    folder = write_folder(tmp_path / "imgs", x, y)
+    np.savez(tmp_path / "d.npz", x=((x * 255).round() / 255).numpy(), y=y.numpy())  # what the PNGs hold
+    curves = {}
+    for name, data in (("folder", ["--data", folder]), ("npz", ["--data", tmp_path / "d.npz"])):
+        rc, out, err = run(capsys, "eval", *data, "--checkpoint", cnn_ckpt, "--attack", "fgsm", "--eps", EPS,
+                           "--batch-size", "32", "--report", tmp_path / f"{name}.json", "--plots", tmp_path / name,
+                           "--quiet")
+        assert rc == 0 and "plots:" in out, err
+        curves[name] = json.loads((tmp_path / f"{name}.json").read_text())["robust_curve"]
+        for png in ("robust_vs_eps.png", "adversarial_examples.png"):
+            with Image.open(tmp_path / name / png) as im:
+                assert im.format == "PNG"
+    assert curves["folder"] == curves["npz"] and len(curves["npz"]["curves"]["fgsm"]) == 5
 
 
 def write_cifar(root, x, y, kind="cifar-10", drop=None):
@@ -304,6 +368,31 @@ def test_mixed_image_sizes_with_resize_and_crop(tmp_path):
     assert torch.equal(xb[:, 0], torch.ones(3, 10, 10)) and torch.equal(xb[:, 1], torch.zeros(3, 10, 10))
     with pytest.raises(DataError, match="smaller than --crop 20"):
         list(datasets.open_data(str(root), "test", crop=20).batches([range(3)]))
+
+
+def _anonymous_mib(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Anonymous:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="reads a worker's memory from Linux's /proc")
+def test_a_workers_memory_does_not_grow_with_the_images_it_reads(tmp_path):
+    """A batch stacked in ordinary memory in a worker (and moved to shared memory when
+    sent), or read as one batch-sized float temporary, grew the worker's heap by about
+    2 MiB per 128-image batch of 3x64x64: 80 batches here grew it by 150+ MiB."""
+    images = np.random.default_rng(0).integers(0, 256, (512, 3, 64, 64), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", np.arange(512) % 10)
+    source = datasets.open_data(str(tmp_path / "x.npy"), labels=str(tmp_path / "y.npy"), workers=1)
+    index_lists = [torch.arange(512).roll(-k).split(128) for k in range(20)]  # 80 batches, 10240 images
+    me, anon = os.getpid(), []
+    for i, (xb, yb) in enumerate(source.batches([idx for lists in index_lists for idx in lists])):
+        if i in (8, 79):
+            with open(f"/proc/{me}/task/{me}/children") as f:
+                anon.append(_anonymous_mib(int(f.read().split()[0])))
+        if i == 76:  # samples 19..146 of the file, converted as the tensors would be
+            assert torch.equal(xb, torch.from_numpy(images[19:147]).float() / 255) and torch.equal(yb, torch.arange(19, 147) % 10)
+    assert anon[1] - anon[0] < 24, f"the worker's anonymous memory grew from {anon[0]:.0f} to {anon[1]:.0f} MiB"
 
 
 # -- resuming a streamed run -----------------------------------------------------------------------
