@@ -2,7 +2,8 @@
 
 For each (model, batch, attack, mode) the attacks run in one process on the same
 model, inputs and seed (``torch.manual_seed(seed)`` before every call), after a
-warm-up, alternating fastadv, each reference and the floor (A B F A B F ...). The
+warm-up, alternating fastadv, each reference and the floor, the order reversed every other
+repeat (A B F F B A A B F ...) so that none always runs right after another. The
 reported time is the median; CUDA runs are timed with CUDA events, CPU runs with
 perf_counter.
 
@@ -392,7 +393,8 @@ def run_case(model, model_name, x, y, attack, mode, *, steps, repeats, warmup, d
         for name, fn in calls:
             fn()
     for r in range(repeats):
-        for name, fn in calls:
+        # every other repeat runs in reverse order (A B F, F B A, ...): none always follows another
+        for name, fn in (calls if r % 2 == 0 else calls[::-1]):
             out, ms, cpu_ms = timing.timed_call(fn, device)
             wall[name].append(ms)
             if cpu_ms is not None:
