@@ -332,11 +332,15 @@ class Attack:
     def _needs_labels(self):
         return True
 
-    def _prepare(self, images, labels):
-        """Copies of the inputs on the attack's device (the caller's tensors stay untouched)."""
+    def _prepare(self, images, labels, copy=True):
+        """The inputs on the attack's device, copied (the caller's tensors stay untouched).
+
+        copy=False, for attacks whose loop never writes into its images: images already on
+        the device are not copied (detached, they share the caller's storage, read only).
+        """
         device = self._attack_device(images)
-        images = images.detach().clone().to(device)
-        labels = labels.detach().clone().to(device) if labels is not None else None
+        images = images.detach().to(device, copy=copy)
+        labels = labels.detach().to(device, copy=True) if labels is not None else None
         return images, labels
 
     def _targets(self, images, labels):

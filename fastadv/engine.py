@@ -226,10 +226,12 @@ class CrossEntropyGradient:
         self.labels = self.labels[mask]
 
 
-def run_functional(core, model, images, labels, *, budgets=(), engine=None, **kwargs):
+def run_functional(core, model, images, labels, *, budgets=(), engine=None, core_writes_images=True, **kwargs):
     """Validate, copy the inputs to the model's device, guard the model, run core.
 
     core(model, x, y, engine=..., **kwargs) is an attack loop on inputs it may own.
+    core_writes_images=False: core never writes into its images, so they are not copied
+    when already on the model's device (a full read and write of the batch saved).
     budgets names the kwargs that may be per-sample [N] tensors (validated, moved to
     the device as fp32). engine: an EngineOptions or a dict of its fields; its
     batch_size chunks the run (per-sample budgets are chunked alongside).
@@ -244,10 +246,10 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, **kw
     for name in budgets:
         value = validation.check_budget(kwargs[name], name, positive=(name == "alpha"), n=n)
         kwargs[name] = value.to(device, torch.float32) if isinstance(value, torch.Tensor) else value
-    x = images.detach().clone().to(device)
+    x = images.detach().to(device, copy=core_writes_images or n == 0)
     if n == 0:
         return x
-    y = labels.detach().clone().to(device)
+    y = labels.detach().to(device, copy=True)
     per_sample = {k for k in budgets if isinstance(kwargs[k], torch.Tensor)}
     index = torch.arange(n, device=device)
 

@@ -123,3 +123,32 @@ def test_low_precision_models(trained_models, batch):
             outs.append(fastadv.PGD(model, steps=3, backend=backend)(xd, y))
         assert outs[0].dtype == dtype
         assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("name", ["FGSM", "FFGSM", "RFGSM", "PGD"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("interpret", marks=pytest.mark.interpreter)])
+def test_uncopied_images_are_only_read(name, layout, backend, trained_models, batch):
+    """These attacks skip the private copy of the images (their loops only read them): the
+    caller's tensor keeps its values and flags, and no output shares its storage."""
+    x, y = batch
+    model = trained_models["cnn"]
+    x = x.contiguous(memory_format=layout).requires_grad_(True)
+    x0 = x.detach().clone()
+    kwargs = {"steps": 2} if name in ("RFGSM", "PGD") else {}
+    runs = {
+        "class": lambda: getattr(fastadv, name)(model, backend=backend, **kwargs)(x, y),
+        "chunked": lambda: getattr(fastadv, name)(model, backend=backend, batch_size=7, **kwargs)(x, y),
+        "functional": lambda: getattr(fastadv.functional, name.lower())(model, x, y, backend=backend, **kwargs),
+    }
+    outs = {}
+    for how, run in runs.items():
+        torch.manual_seed(0)
+        outs[how] = run()
+        assert torch.equal(x.detach(), x0) and x.requires_grad and x.grad is None, how
+        assert outs[how].untyped_storage().data_ptr() != x.untyped_storage().data_ptr(), how
+        outs[how].add_(1)  # writing the result leaves the images alone
+        assert torch.equal(x.detach(), x0), how
+    assert torch.equal(outs["class"], outs["functional"])
+    if name == "FGSM":  # no random draws: chunks give the same bits
+        assert torch.equal(outs["class"], outs["chunked"])

@@ -1,7 +1,7 @@
 """FFGSM ("fast" FGSM): one sign step from a uniform random start (Wong et al., 2020). Linf."""
 import torch
 
-from fastadv import ops, validation
+from fastadv import draws, ops, validation
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
 
@@ -10,12 +10,11 @@ def ffgsm_start(x, eps, backend=None):
     """clamp(x + U(-eps, eps), 0, 1), drawn as the reference draws it.
 
     The reference fills randn_like(x) and then overwrites it with uniform_, so the
-    device RNG is consumed by a normal draw and then a uniform draw.
+    device RNG is consumed by a normal draw and then a uniform draw (see fastadv.draws).
     """
-    noise = torch.randn_like(x)
     if isinstance(eps, torch.Tensor):
-        return ops.random_start(x, noise.uniform_(-1, 1), eps, backend=backend)
-    return ops.random_start(x, noise.uniform_(-eps, eps), backend=backend)
+        return ops.random_start(x, draws.uniform_after_discarded_normal(x, -1, 1), eps, backend=backend)
+    return ops.random_start(x, draws.uniform_after_discarded_normal(x, -eps, eps), backend=backend)
 
 
 def ffgsm_loop(forward, x, y, *, eps, alpha, targeted=False, backend=None, engine=EXACT):
@@ -43,6 +42,7 @@ def ffgsm(model, images, labels, *, eps=8 / 255, alpha=10 / 255, targeted=False,
     return run_functional(
         ffgsm_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
         targeted=targeted, backend=backend,
+        core_writes_images=False,
     )
 
 
@@ -76,7 +76,7 @@ class FFGSM(Attack):
         self.supported_mode = ["default", "targeted"]
 
     def forward(self, images, labels):
-        x, y = self._prepare(images, labels)
+        x, y = self._prepare(images, labels, copy=False)  # the loop only reads x
         return ffgsm_loop(
             self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha,
             targeted=self.targeted, backend=self.backend, engine=self.engine,

@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from fastadv import loop, ops
+from fastadv import draws, loop, ops
 from fastadv.backend import resolve
 from fastadv.engine import EXACT
 
@@ -131,7 +131,7 @@ class VarianceTuned:
         total = torch.zeros_like(adv)
         base = adv.detach()
         for _ in range(self.n):
-            noise = torch.randn_like(self.like).uniform_(-self.radius, self.radius)
+            noise = draws.uniform_after_discarded_normal(self.like, -self.radius, self.radius)
             total += self.neighbor_gradient(noise.add_(base))  # noise + adv == adv + noise
         self.variance = total.div_(self.n).sub_(g)
         return tuned
