@@ -332,14 +332,14 @@ class Attack:
     def _needs_labels(self):
         return True
 
-    def _prepare(self, images, labels, copy=True):
+    def _prepare(self, images, labels, copy_images=True):
         """The inputs on the attack's device, copied (the caller's tensors stay untouched).
 
-        copy=False, for attacks whose loop never writes into its images: images already on
+        copy_images=False, for attacks whose loop never writes into its images: images already on
         the device are not copied (detached, they share the caller's storage, read only).
         """
         device = self._attack_device(images)
-        images = images.detach().to(device, copy=copy)
+        images = images.detach().to(device, copy=copy_images)
         labels = labels.detach().to(device, copy=True) if labels is not None else None
         return images, labels
 

@@ -226,12 +226,12 @@ class CrossEntropyGradient:
         self.labels = self.labels[mask]
 
 
-def run_functional(core, model, images, labels, *, budgets=(), engine=None, core_writes_images=True, **kwargs):
+def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy_images=True, **kwargs):
     """Validate, copy the inputs to the model's device, guard the model, run core.
 
     core(model, x, y, engine=..., **kwargs) is an attack loop on inputs it may own.
-    core_writes_images=False: core never writes into its images, so they are not copied
-    when already on the model's device (a full read and write of the batch saved).
+    copy_images=False, for a core that never writes into its images: images already on the
+    model's device are not copied (a full read and write of the batch saved).
     budgets names the kwargs that may be per-sample [N] tensors (validated, moved to
     the device as fp32). engine: an EngineOptions or a dict of its fields; its
     batch_size chunks the run (per-sample budgets are chunked alongside).
@@ -246,7 +246,7 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, core
     for name in budgets:
         value = validation.check_budget(kwargs[name], name, positive=(name == "alpha"), n=n)
         kwargs[name] = value.to(device, torch.float32) if isinstance(value, torch.Tensor) else value
-    x = images.detach().to(device, copy=core_writes_images or n == 0)
+    x = images.detach().to(device, copy=copy_images or n == 0)
     if n == 0:
         return x
     y = labels.detach().to(device, copy=True)

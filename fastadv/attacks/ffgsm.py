@@ -42,7 +42,7 @@ def ffgsm(model, images, labels, *, eps=8 / 255, alpha=10 / 255, targeted=False,
     return run_functional(
         ffgsm_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
         targeted=targeted, backend=backend,
-        core_writes_images=False,
+        copy_images=False,
     )
 
 
@@ -76,7 +76,7 @@ class FFGSM(Attack):
         self.supported_mode = ["default", "targeted"]
 
     def forward(self, images, labels):
-        x, y = self._prepare(images, labels, copy=False)  # the loop only reads x
+        x, y = self._prepare(images, labels, copy_images=False)  # the loop only reads x
         return ffgsm_loop(
             self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha,
             targeted=self.targeted, backend=self.backend, engine=self.engine,

@@ -23,7 +23,7 @@ def fgsm(model, images, labels, *, eps=8 / 255, targeted=False, backend=None, **
     Returns the adversarial images on the model's device. Bit-exact with torchattacks.FGSM.
     """
     return run_functional(fgsm_loop, model, images, labels, budgets=("eps",), engine=engine, eps=eps, targeted=targeted,
-                          backend=backend, core_writes_images=False)
+                          backend=backend, copy_images=False)
 
 
 class FGSM(Attack):
@@ -50,6 +50,6 @@ class FGSM(Attack):
         self.supported_mode = ["default", "targeted"]
 
     def forward(self, images, labels):
-        x, y = self._prepare(images, labels, copy=False)  # the loop only reads x
+        x, y = self._prepare(images, labels, copy_images=False)  # the loop only reads x
         return fgsm_loop(self.get_logits, x, self._targets(x, y), eps=self.eps, targeted=self.targeted,
                          backend=self.backend, engine=self.engine)

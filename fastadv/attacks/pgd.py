@@ -61,7 +61,7 @@ def pgd(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, random_s
     return run_functional(
         pgd_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
         steps=validation.check_steps(steps), random_start=random_start, targeted=targeted, backend=backend,
-        core_writes_images=False,
+        copy_images=False,
     )
 
 
@@ -97,7 +97,7 @@ class PGD(Attack):
         self.supported_mode = ["default", "targeted"]
 
     def forward(self, images, labels):
-        x, y = self._prepare(images, labels, copy=False)  # the loop only reads x
+        x, y = self._prepare(images, labels, copy_images=False)  # the loop only reads x
         return pgd_loop(
             self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
             random_start=self.random_start, targeted=self.targeted, backend=self.backend, engine=self.engine,

@@ -40,7 +40,7 @@ def rfgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, target
     return run_functional(
         rfgsm_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
         steps=validation.check_steps(steps), targeted=targeted, backend=backend,
-        core_writes_images=False,
+        copy_images=False,
     )
 
 
@@ -78,7 +78,7 @@ class RFGSM(Attack):
         self.supported_mode = ["default", "targeted"]
 
     def forward(self, images, labels):
-        x, y = self._prepare(images, labels, copy=False)  # the loop only reads x
+        x, y = self._prepare(images, labels, copy_images=False)  # the loop only reads x
         return rfgsm_loop(
             self.get_logits, x, self._targets(x, y), eps=self.eps, alpha=self.alpha, steps=self.steps,
             targeted=self.targeted, backend=self.backend, engine=self.engine,
