@@ -45,6 +45,10 @@ class Attack:
             The defaults are exact mode: the reference's results.
     """
 
+    # True for the attacks that take engine.batch_size themselves and run on fixed-shape slots
+    # (fastadv.slots); the others are called chunk by chunk.
+    runs_on_slots = False
+
     def __init__(self, name, model, backend=None, **engine):
         self._check_keywords(engine)
         self.attack = name
@@ -313,7 +317,7 @@ class Attack:
             index = torch.arange(x.shape[0])
             adv = chunked(
                 lambda xc, idx: self.forward(xc, labels[idx] if labels is not None else None, *args, **kwargs),
-                x, index, self.engine.batch_size,
+                x, index, None if self.runs_on_slots else self.engine.batch_size,
             )
             return finite_or_clean(adv, x.to(adv.device)) if isinstance(adv, torch.Tensor) else adv
 

@@ -1,7 +1,7 @@
 """BIM (iterative FGSM, Kurakin et al., 2017): sign steps clipped to the eps-box directly. Linf."""
 import torch
 
-from fastadv import loop, ops, validation
+from fastadv import ops, slots, validation
 from fastadv.attack import Attack
 from fastadv.backend import resolve
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
@@ -39,10 +39,8 @@ def bim_loop(forward, x, y, *, eps, alpha, steps, targeted=False, backend=None, 
                              consume_grad=True)
         return torch.clamp(step, min=lo, max=hi, out=step)
 
-    adv = loop.run(
-        update, grad, x.clone(), steps, {"lo": lo, "hi": hi, "alpha": alpha}, early_stop=engine.early_stop,
-        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=forward,
-    )
+    adv = slots.iterations(update, grad, x.clone(), steps, {"lo": lo, "hi": hi, "alpha": alpha}, engine=engine,
+                           model=forward, backend_name=resolve(backend, x.device))
     return adv.contiguous(memory_format=fmt)
 
 
@@ -71,7 +69,7 @@ def bim(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, targeted
         eps = validation.check_budget(eps, "eps")
     return run_functional(
         bim_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
-        steps=check_bim_steps(steps, eps), targeted=targeted, backend=backend,
+        steps=check_bim_steps(steps, eps), targeted=targeted, backend=backend, slots=True,
     )
 
 
@@ -103,6 +101,8 @@ class BIM(Attack):
         >>> attack = fastadv.BIM(model, eps=8/255, alpha=2/255, steps=10)
         >>> adv_images = attack(images, labels)
     """
+
+    runs_on_slots = True
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, *, backend=None, **engine):
         super().__init__("BIM", model, backend=backend, **engine)

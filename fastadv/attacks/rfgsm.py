@@ -40,7 +40,7 @@ def rfgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, target
     return run_functional(
         rfgsm_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
         steps=validation.check_steps(steps), targeted=targeted, backend=backend,
-        copy_images=False,
+        copy_images=False, slots=True,
     )
 
 
@@ -69,6 +69,8 @@ class RFGSM(Attack):
         >>> attack = fastadv.RFGSM(model, eps=8/255, alpha=2/255, steps=10)
         >>> adv_images = attack(images, labels)
     """
+
+    runs_on_slots = True
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, *, backend=None, **engine):
         super().__init__("RFGSM", model, backend=backend, **engine)

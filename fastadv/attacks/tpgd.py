@@ -1,4 +1,6 @@
 """TPGD: PGD on TRADES' KL loss against the clean prediction (Zhang et al., 2019). Linf, no labels."""
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,15 @@ class KLGradient:
     def keep(self, mask: torch.Tensor) -> None:
         self.target, self.clean_pred = self.target[mask], self.clean_pred[mask]
 
+    def per_sample(self) -> dict:
+        return {"target": self.target, "clean_pred": self.clean_pred}
+
+    def on_slots(self, buffers: dict) -> "KLGradient":
+        """This gradient on slot buffers (the loss is a sum: no scale to keep)."""
+        slotted = copy.copy(self)
+        slotted.target, slotted.clean_pred = buffers["target"], buffers["clean_pred"]
+        return slotted
+
 
 def tpgd_loop(forward, x, y=None, *, eps, alpha, steps, backend=None, engine=EXACT):
     """The TPGD iteration on inputs the caller owns (y is unused); returns the last iterate."""
@@ -78,7 +89,7 @@ def tpgd(model, images, labels=None, *, eps=8 / 255, alpha=2 / 255, steps=10, ba
         labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
     return run_functional(
         tpgd_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
-        steps=validation.check_steps(steps), backend=backend,
+        steps=validation.check_steps(steps), backend=backend, slots=True,
     )
 
 
@@ -106,6 +117,8 @@ class TPGD(Attack):
         >>> attack = fastadv.TPGD(model, eps=8/255, alpha=2/255, steps=10)
         >>> adv_images = attack(images)
     """
+
+    runs_on_slots = True
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, *, backend=None, **engine):
         super().__init__("TPGD", model, backend=backend, **engine)
