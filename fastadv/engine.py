@@ -90,16 +90,21 @@ class EngineOptions:
         return bool(self.cuda_graph)
 
     def slot_count(self, n: int, steps: int, device, model):
-        """The number of slots an iterative attack on n samples runs on, or None for one batch."""
+        """The number of slots an iterative attack on n samples runs on, or None for one plain batch.
+
+        batch_size below n: batch_size slots. Otherwise slots only where the cycle exit runs:
+        the whole batch (batch_size given: the reference's shape, and the run ends once every
+        sample has settled), or auto_slot_count(n) (cycle_exit True, or automatic on the CPU).
+        """
+        if self.batch_size is not None and self.batch_size < n:
+            return self.batch_size
+        if self.early_stop or self.cycle_exit is False or not self.use_cycle_exit(model, quiet=True):
+            return None
         if self.batch_size is not None:
-            return self.batch_size if self.batch_size < n else None
-        if self.early_stop or self.cycle_exit is False or not self.use_cycle_exit(model, True, quiet=True):
-            return None
-        auto = self.cycle_exit is None and self.precision is None and steps >= CYCLE_MIN_STEPS
-        if not (self.cycle_exit or (auto and torch.device(device).type == "cpu" and attacked_module(model) is not None)):
-            return None
-        size = auto_slot_count(n)
-        return size if size < n else None
+            return n
+        auto = (self.cycle_exit is None and self.precision is None and steps >= CYCLE_MIN_STEPS
+                and torch.device(device).type == "cpu" and attacked_module(model) is not None)
+        return min(n, auto_slot_count(n)) if self.cycle_exit or auto else None
 
     def use_cycle_exit(self, model, deterministic=True, quiet=False) -> bool:
         """Whether a run on slots takes the exact cycle exit (see cycle_exit above).

@@ -441,7 +441,7 @@ class Iterations:
         fetch = [self.fooled.long()] if self.fooled_exit else []
         if self.watch is not None:
             fetch += list(self.watch.compare(age))
-        got = torch.stack(fetch).cpu().numpy()  # the one host sync of a poll
+        got = np.array(torch.stack(fetch).tolist())  # the one host sync of a poll
         exits = got[0] > 0 if self.fooled_exit else np.zeros(self.size, dtype=bool)
         if self.watch is not None:
             # a fooled sample that retires now keeps its result; the cycle's final iterate is
