@@ -27,7 +27,8 @@ The scheduler (``run``) is generic. A program, the attack's iteration on slots, 
   the rows that exit now, and may lower limit (steps left once a long cycle is known);
   one host sync; ``None`` when the program has no device exits;
 - ``retire(rows, phase, positions)``: store the results of members that leave; returns,
-  per member, whether it goes on to the unit's next phase.
+  per member, whether it goes on to the unit's next phase (None: none does);
+- ``finish(phase)`` (optional): called once every member of a phase has left.
 """
 import collections
 import dataclasses
@@ -57,21 +58,18 @@ class Phase:
 class SlotStats:
     """What the slots did: model calls of [B], and how many slot-steps carried a real sample.
 
-    ``admitting``: the steps taken while samples waited to be admitted (the occupancy goal);
-    ``tail``: the steps after the stream ran dry, while the last samples finish.
+    ``admitting``: the slot-steps taken while samples waited to be admitted (the occupancy
+    goal); ``tail``: the slot-steps after the stream ran dry, while the last samples finish.
     """
 
     size: int = 0
     calls: int = 0
+    slot_steps: int = 0
     useful_admitting: int = 0
     steps_admitting: int = 0
     useful_tail: int = 0
     steps_tail: int = 0
     samples: int = 0
-
-    @property
-    def slot_steps(self):
-        return self.calls * self.size
 
     @property
     def useful(self):
@@ -82,7 +80,7 @@ class SlotStats:
         if part == "all":
             return self.useful / self.slot_steps if self.calls else None
         useful, steps = getattr(self, f"useful_{part}"), getattr(self, f"steps_{part}")
-        return useful / (steps * self.size) if steps else None
+        return useful / steps if steps else None
 
     def add(self, other):
         for f in dataclasses.fields(self):
@@ -104,11 +102,16 @@ def check_slots(size) -> int:
     return int(size)
 
 
-def run(program, units, *, check_every=None, device=None, on_unit_done=None) -> SlotStats:
+def run(program, units, *, check_every=None, device=None, on_unit_done=None, shrink=False) -> SlotStats:
     """Run every unit of the iterable through the program's slots; returns the SlotStats.
 
     Units are pulled lazily, as slots free up (a streamed data set is read as it is needed).
     on_unit_done(unit) is called once all of a unit's phases have finished.
+    shrink: once nothing is left to admit, drop the empty slots (program.shrink(rows)), so the
+    last samples run on a smaller batch: compaction, for a single batch that has no stream to
+    refill from. It changes the batch shape, so a sample's numbers are then only as
+    independent of the others as the device's kernels make them (PyTorch's CPU kernels: at 8
+    rows or more, tests/test_slots.py); it is never used where exactness is promised.
     """
     size = program.size
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -133,6 +136,8 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None) -> 
 
     def close_phase(phase):
         unit = phase.unit
+        if hasattr(program, "finish"):
+            program.finish(phase)
         going_on = torch.as_tensor(phase.going_on, dtype=torch.long)
         if phase.index + 1 < remaining_phases[id(unit)] and len(going_on):
             return open_phase(unit, phase.index + 1, going_on)
@@ -148,11 +153,11 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None) -> 
             source_open = False
             return
         remaining_phases[id(unit)] = program.phases(unit)
-        open_phase(unit, 0, torch.arange(unit_size(unit)))
+        open_phase(unit, 0, torch.arange(unit.size) if unit.members is None else unit.members)
 
     def fill():
         free = [b for b in range(size) if occupant[b] is None]
-        while len(queue) < len(free) and source_open:
+        while (len(queue) < len(free) or not queue) and source_open:  # an empty queue looks one unit ahead
             pull_unit()
         for group_phase, rows, positions in _groups((queue.popleft(), b) for b in free[:len(queue)]):
             program.admit(torch.as_tensor(rows), group_phase, torch.as_tensor(positions))
@@ -184,12 +189,13 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None) -> 
         admitting = bool(queue) or source_open
         program.step(age)
         stats.calls += 1
+        stats.slot_steps += size
         if admitting:
             stats.useful_admitting += n_live
-            stats.steps_admitting += 1
+            stats.steps_admitting += size
         else:
             stats.useful_tail += n_live
-            stats.steps_tail += 1
+            stats.steps_tail += size
         age[live] += 1
         since_poll += 1
         exits = live & (age >= limit)
@@ -200,11 +206,12 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None) -> 
                 exits |= live & (polled | (age >= limit))
         if exits.any():
             retire(np.flatnonzero(exits).tolist())
+            if shrink and not queue and not source_open and 0 < (age >= 0).sum() < size:
+                keep = np.flatnonzero(age >= 0)
+                program.shrink(torch.as_tensor(keep))
+                occupant, age, limit = [occupant[b] for b in keep], age[keep], limit[keep]
+                size = len(keep)
     return stats
-
-
-def unit_size(unit) -> int:
-    return int(unit.size)
 
 
 def _groups(pairs):
@@ -222,13 +229,15 @@ class Unit:
     """A unit of work: samples whose draws are made together.
 
     size: its sample count; data: whatever the program needs to begin it (tensors of the
-    unit's samples, a seed, ...); results: filled by the program as members retire.
+    unit's samples, a seed, ...); results: filled by the program as members retire; key:
+    the caller's name for it (an evaluation's chunk index, say).
     """
 
     size: int
     data: dict = dataclasses.field(default_factory=dict)
     results: dict = dataclasses.field(default_factory=dict)
     key: object = None
+    members: torch.Tensor = None  # the positions phase 0 works on (None: all)
 
 
 # -- exact cycle detection on slots --------------------------------------------------------------
@@ -505,3 +514,27 @@ def iterations(update, grad, adv, steps, per_sample, *, engine, model, backend_n
     return iterate(update, grad, adv, steps, per_sample, size=size,
                    result="first_fooled" if engine.early_stop else "final",
                    cycle_exit=engine.use_cycle_exit(model, deterministic))
+
+
+def forward_in_slots(forward, x: torch.Tensor, size: int) -> torch.Tensor:
+    """forward(x) in calls of exactly [size, ...] (the last one padded with zeros), without
+    gradients: every sample's logits come from the same shape as the attack's own calls."""
+    n = x.shape[0]
+    if n == size:
+        with torch.no_grad():
+            return forward(x)
+    outs = []
+    with torch.no_grad():
+        for lo in range(0, n, size):
+            chunk = x[lo:lo + size]
+            if chunk.shape[0] < size:
+                pad = chunk.new_zeros((size - chunk.shape[0], *chunk.shape[1:]))
+                chunk = torch.cat([chunk, pad.contiguous(memory_format=_format(chunk))])
+            outs.append(forward(chunk)[:min(size, n - lo)])
+    return torch.cat(outs)
+
+
+def _format(t):
+    from fastadv.validation import memory_format
+
+    return memory_format(t)
