@@ -220,10 +220,11 @@ class CrossEntropyGradient:
 
     precision ('bf16' or 'fp16', fast mode) runs forward and backward under autocast;
     the loss is then summed rather than averaged so fp16 gradients do not underflow
-    (sign and normalized steps do not depend on the scale).
+    (sign and normalized steps do not depend on the scale). scale: average over this many
+    samples whatever the rows' count (fixed-shape slots keep one scale).
     """
 
-    def __init__(self, forward, labels: torch.Tensor, targeted: bool = False, precision=None):
+    def __init__(self, forward, labels: torch.Tensor, targeted: bool = False, precision=None, scale=None):
         self.forward = forward
         self.labels = labels
         self.targeted = targeted
@@ -231,7 +232,9 @@ class CrossEntropyGradient:
         self.reduction = "mean" if self.autocast is None else "sum"
         self.last_logits = None
         self._checked = False
-        self._batch = None  # set once early stopping drops samples: the original batch size
+        # the mean's batch size when it is not the rows' count: set once early stopping drops
+        # samples, or given as scale (slots: the loss of a batch of `scale` samples)
+        self._batch = float(scale) if scale is not None and self.reduction == "mean" else None
 
     def logits(self, adv: torch.Tensor) -> torch.Tensor:
         out = self.forward(adv)

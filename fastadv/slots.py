@@ -238,6 +238,7 @@ class Unit:
     results: dict = dataclasses.field(default_factory=dict)
     key: object = None
     members: torch.Tensor = None  # the positions phase 0 works on (None: all)
+    seed: int = None  # the seed of the unit's random draws, for programs that draw
 
 
 # -- exact cycle detection on slots --------------------------------------------------------------
@@ -250,26 +251,48 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_SAME_SIZE_INT[t.element_size()])
 
 
+def _flat_bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as a [rows, -1] view, whatever its memory format (the order of a row's elements
+    does not matter to a comparison of whole rows)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        t = t.permute(0, 2, 3, 1)
+    return bits(t).reshape(t.shape[0], -1)
+
+
 class CycleWatch:
     """Which slots' iterates repeat an earlier one, bit for bit, and where their cycle lands.
 
     The update writes each new iterate into ``next_buffer()``, a ring of the last ``history``
-    iterates of every slot (no copy). When a slot's iterate after t steps equals the one of
-    p <= history - 1 steps earlier, its sequence has period p from there on (the next iterate
-    is a function of the current one, per sample), so its iterate after T steps is the one
-    (T - t) mod p steps further round the cycle, already in the ring. Periods the ring
-    cannot hold are caught by an anchor, the iterate saved at every power-of-two age:
+    iterates of every slot (one tensor; no copy). When a slot's iterate after t steps equals
+    the one of p <= history - 1 steps earlier, its sequence has period p from there on (the
+    next iterate is a function of the current one, per sample), so its iterate after T steps
+    is the one (T - t) mod p steps further round the cycle, already in the ring. Periods the
+    ring cannot hold are caught by an anchor, the iterate saved at every power-of-two age:
     once the anchor lies on the cycle, the iterate equals it again after p steps; then the
     slot goes on for the (T - t) mod p steps that bring it to the same final iterate.
+
+    Each iterate gets a fingerprint as it is written (a float64 dot product of its bit
+    patterns with fixed random weights: one pass, deterministic at a fixed shape), and a
+    check compares fingerprints, [history, B] numbers; only the rows whose fingerprints
+    match are compared bit for bit, and only a bitwise match closes a cycle.
     """
 
     def __init__(self, adv: torch.Tensor, history: int):
         if history < 2:
             raise ValueError(f"the cycle history must be >= 2 iterates, got {history}")
-        self.history = history
-        self.ring = [adv] + [torch.empty_like(adv) for _ in range(history - 1)]
+        self.history, self.rows = history, adv.shape[0]
+        self.store = torch.empty((history * self.rows, *adv.shape[1:]), dtype=adv.dtype, device=adv.device)
+        if adv.dim() == 4:
+            self.store = self.store.contiguous(memory_format=_format(adv))
+        self.ring = list(self.store.split(self.rows))  # [rows, ...] views, in adv's memory format
+        self.ring[0].copy_(adv)
+        gen = torch.Generator().manual_seed(0)
+        self.weights = torch.rand(adv[0].numel(), generator=gen, dtype=torch.float64).to(adv.device)
+        self.prints = torch.zeros(history, self.rows, dtype=torch.float64, device=adv.device)
+        self.positions = torch.arange(history, device=adv.device)
         self.anchor = torch.empty_like(adv)
-        self.anchor_age = np.full(adv.shape[0], -1, dtype=np.int64)
+        self.anchor_print = torch.zeros(self.rows, dtype=torch.float64, device=adv.device)
+        self.anchor_age = np.full(self.rows, -1, dtype=np.int64)
         self.clock = 0  # the ring position of the current iterate
 
     @property
@@ -279,27 +302,41 @@ class CycleWatch:
     def next_buffer(self) -> torch.Tensor:
         return self.ring[(self.clock + 1) % self.history]
 
+    def _fingerprint(self, position):
+        torch.mv(_flat_bits(self.ring[position]).to(torch.float64), self.weights, out=self.prints[position])
+
     def advance(self, age):
         """The update wrote the next iterate; age: each slot's steps done, after it."""
         self.clock += 1
+        position = self.clock % self.history
+        self._fingerprint(position)
         save = (age > 0) & ((age & (age - 1)) == 0)  # powers of two
         if save.any():
             rows = torch.as_tensor(np.flatnonzero(save), device=self.anchor.device)
             self.anchor.index_copy_(0, rows, self.current.index_select(0, rows))
+            self.anchor_print.index_copy_(0, rows, self.prints[position].index_select(0, rows))
             self.anchor_age[save] = age[save]
 
     def compare(self, age):
-        """On the device, per slot: the period the ring shows (0: none) and whether the iterate
-        is back at its anchor. Both [B] long; no sync."""
-        cur = bits(self.current).flatten(1)
-        depth = torch.as_tensor(np.minimum(np.maximum(age, 0), self.history - 1), device=cur.device)
-        period = torch.zeros(cur.shape[0], dtype=torch.long, device=cur.device)
-        for p in range(self.history - 1, 0, -1):  # descending: the shortest period wins
-            same = (cur == bits(self.ring[(self.clock - p) % self.history]).flatten(1)).all(1)
-            period = torch.where(same & (depth >= p), p, period)
-        anchored = torch.as_tensor((self.anchor_age >= 0) & (self.anchor_age < age), device=cur.device)
-        back = anchored & (cur == bits(self.anchor).flatten(1)).all(1)
-        return period, back.long()
+        """On the device, per slot: the period whose fingerprint matches (0: none) and whether
+        the fingerprint is back at the anchor's. Both [B] long; no sync. resolve verifies them."""
+        h, dev = self.history, self.prints.device
+        cur = self.prints[self.clock % h]
+        back = (self.clock - self.positions) % h  # how many steps back each ring entry lies
+        depth = torch.as_tensor(np.minimum(np.maximum(age, 0), h - 1), device=dev)
+        valid = (self.prints == cur) & (back[:, None] > 0) & (back[:, None] <= depth[None, :])
+        period = torch.where(valid, back[:, None], h).amin(0)  # the shortest period wins
+        period = torch.where(period < h, period, 0)
+        anchored = torch.as_tensor((self.anchor_age >= 0) & (self.anchor_age < age), device=dev)
+        home = anchored & (self.anchor_print == cur)
+        return period, home.long()
+
+    def _verified(self, rows, others):
+        """Of the rows (numpy), those whose current iterate equals, bit for bit, the row of
+        `others` ([len(rows), ...] tensor) (one small sync)."""
+        idx = torch.as_tensor(rows, device=self.store.device)
+        cur = _flat_bits(self.current.index_select(0, idx))
+        return rows[np.array((cur == _flat_bits(others)).all(1).tolist(), dtype=bool)]
 
     def resolve(self, period, back, age, limit, *, finish_long=True):
         """The host side of compare (numpy arrays): returns the slots whose cycle is closed; the
@@ -307,7 +344,12 @@ class CycleWatch:
         found at the anchor lowers limit to the step that lands on the same final iterate
         (finish_long), or closes at once (finish_long=False: only the flags are wanted, and
         every iterate of the cycle has been seen)."""
-        closed = period > 0
+        closed = np.zeros(self.rows, dtype=bool)
+        rows = np.flatnonzero(period > 0)
+        if len(rows):
+            entries = (self.clock - period[rows]) % self.history * self.rows + rows
+            rows = self._verified(rows, self.store.index_select(0, torch.as_tensor(entries, device=self.store.device)))
+            closed[rows] = True
         if closed.any():
             rows = np.flatnonzero(closed)
             p = period[rows]
@@ -316,17 +358,21 @@ class CycleWatch:
             for r, o in zip(rows.tolist(), offset.tolist()):
                 if o != self.clock % self.history:
                     current[r] = self.ring[o][r]
-        long_loop = (back > 0) & ~closed
-        if long_loop.any():
-            if not finish_long:
-                return closed | long_loop
-            p = age[long_loop] - self.anchor_age[long_loop]
-            limit[long_loop] = age[long_loop] + (limit[long_loop] - age[long_loop]) % p
+        rows = np.flatnonzero((back > 0) & ~closed)
+        if len(rows):
+            rows = self._verified(rows, self.anchor.index_select(0, torch.as_tensor(rows, device=self.store.device)))
+            if len(rows) and not finish_long:
+                closed[rows] = True
+            elif len(rows):
+                p = age[rows] - self.anchor_age[rows]
+                limit[rows] = age[rows] + (limit[rows] - age[rows]) % p
         return closed
 
     def admit(self, rows: torch.Tensor):
-        """New occupants: forget the anchors of these slots (the ring is masked by age)."""
+        """New occupants (their start iterates are in the current buffer): forget their anchors
+        and fingerprint their starts (the older ring entries are masked by age)."""
         self.anchor_age[rows.cpu().numpy()] = -1
+        self._fingerprint(self.clock % self.history)
 
 
 # -- a fixed number of steps of one iterate: PGD, BIM, RFGSM, TPGD ------------------------------

@@ -265,9 +265,10 @@ class APGDSlots:
     arithmetic per sample is apgd's, op for op; where every slot is at the same iteration
     (a single batch, no refills) the masks fall away and the ops are exactly the plain loop's.
 
-    Units: ``data`` holds x [m], y [m], eps [m], the CPU generator of the random starts
-    (or ``seed``) and, for the targeted loss, ``order`` [m, C] (the clean logits' classes
-    sorted ascending). Phases: n_restarts per target rank (ranks 2..n_target_classes + 1),
+    Units: ``data`` holds x [m], y [m], eps [m] (else the program's eps), the CPU generator
+    of the random starts (else one seeded with the unit's seed) and, for the targeted loss,
+    ``y_target`` [m] or ``order`` [m, C] (the clean logits' classes sorted ascending; else
+    computed from the clean logits, in calls of the slots' shape). Phases: n_restarts per target rank (ranks 2..n_target_classes + 1),
     each on the members the phases before left robust, each drawing its starts for them.
     Results per unit: ``robust`` [m] and ``adv`` (the last misclassified iterate where a run
     fooled the sample, else x), and with keep_best ``x_best``, ``loss_best``, ``x_best_adv``.
@@ -280,8 +281,9 @@ class APGDSlots:
 
     def __init__(self, forward, *, size, norm, n_iter, n_restarts, loss, n_target_classes=None, eot_iter=1, rho=0.75,
                  arithmetic="torchattacks", backend=None, precision=None, check=None, fooled_exit=False,
-                 first_fooled=False, keep_best=False, verbose=False, first_step_only=False):
+                 first_fooled=False, keep_best=False, verbose=False, first_step_only=False, eps=None):
         self.forward = forward
+        self.eps = eps  # the budget of units whose data has no eps (a float)
         self.size = size
         self.steps = n_iter + 1  # gradient evaluations per run: the start and after each update
         self.n_iter = n_iter
@@ -303,7 +305,11 @@ class APGDSlots:
     def begin(self, unit, phase, members):
         data = unit.data
         if "generator" not in data:
-            data["generator"] = torch.Generator().manual_seed(data["seed"])
+            data["generator"] = torch.Generator().manual_seed(unit.seed)
+        if "eps" not in data:
+            data["eps"] = _eps_vector(self.eps, data["x"])
+        if self.n_targets is not None and "order" not in data and "y_target" not in data:
+            data["order"] = slots.forward_in_slots(self.forward, data["x"], self.size).sort(dim=1)[1]
         x = data["x"].index_select(0, members.to(data["x"].device))
         start = apgd_start(x, data["eps"][members.to(data["eps"].device)], norm=self.norm,
                            generator=data["generator"], arithmetic=self.arithmetic)
