@@ -111,6 +111,7 @@ ATTACKS = {
     "fab": ("FAB", "Linf", 100, "steps", {"norm": "Linf", "n_restarts": 1, "multi_targeted": True, "n_classes": None, "seed": 0}),
     "square": ("Square", "Linf", 5000, "n_queries", {"norm": "Linf", "n_restarts": 1, "seed": 0}),
     "autoattack": ("AutoAttack", "Linf", None, None, {"norm": "Linf", "version": "standard", "n_classes": None, "seed": 0}),
+    "autoattack-l2": ("AutoAttack", "L2", None, None, {"norm": "L2", "version": "standard", "n_classes": None, "seed": 0}),
 }
 _STEP_ALPHA = {"pgd", "pgdl2", "mifgsm"}  # alpha = 2.5 * eps / steps (Madry et al.'s rule)
 FOOLED_RULE = ("any iterate: PGD, APGD, APGD-T and AutoAttack's APGD stages flag a point fooled when any of "
@@ -168,9 +169,10 @@ def spec_stages(spec: AttackSpec, eps) -> list:
     if spec.key in ("apgd-ce", "apgd-dlr", "apgd-t"):
         loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[spec.key]
         return [stages.apgd_stage(spec.name, spec.name, norm=spec.norm, eps=eps, steps=spec.steps, loss=loss)]
-    if spec.key == "autoattack":
-        return stages.autoattack_stages(spec.name, norm=spec.norm, eps=eps, version=spec.params["version"],
-                                        seed=spec.params["seed"])
+    if spec.key in ("autoattack", "autoattack-l2"):
+        p = spec.params  # steps and n_queries: the original's unless a spec overrides them
+        return stages.autoattack_stages(spec.name, norm=spec.norm, eps=eps, version=p["version"], seed=p["seed"],
+                                        steps=p.get("steps"), n_queries=p.get("n_queries"))
     return [stages.unit_stage(spec.name, spec.name, spec.norm, lambda model, n_classes: spec.build(model, eps, n_classes))]
 
 

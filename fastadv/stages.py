@@ -20,7 +20,6 @@ original's arithmetic. Its per-sample flags are the original's at the same chunk
 """
 import dataclasses
 import hashlib
-import math
 from typing import Callable
 
 import torch
@@ -103,44 +102,36 @@ def unit_stage(name, attack_name, norm, build, seed=None):
     return Stage(name, attack_name, norm, attack=build, seed=unit_seed if seed is None else (lambda *_: seed))
 
 
-def autoattack_stages(name, *, norm, eps, version, seed, n_classes_hint=None):
-    """AutoAttack's sub-attacks as stages, with the original's settings and seeding."""
+def autoattack_stages(name, *, norm, eps, version, seed, steps=None, n_queries=None):
+    """AutoAttack's sub-attacks as stages, with the original's settings (steps and n_queries
+    override its iteration and query counts) and seeding: every unit seeded with seed."""
     from fastadv.attacks.autoattack import VERSION_ATTACKS, default_settings
 
     if version not in VERSION_ATTACKS:
         raise ValueError(f"evaluate runs AutoAttack's 'standard', 'plus' or 'rand' version, got {version!r}")
+    apgd, apgd_t, _, _ = default_settings(version, 10, steps, n_queries)  # the target count follows the model
     out = []
     for sub in VERSION_ATTACKS[version]:
         full = f"{name}/{sub}"
-        out.append(_autoattack_stage(full, name, sub, norm=norm, eps=eps, version=version, seed=seed))
+        s = apgd_t if sub == "apgd-t" else apgd
+        if sub.startswith("apgd") and s.eot_iter == 1:
+            loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[sub]
+            out.append(apgd_stage(full, name, norm=norm, eps=eps, steps=s.n_iter, n_restarts=s.n_restarts, loss=loss,
+                                  arithmetic="original", seed=seed))
+        else:  # FAB, Square, and the 'rand' version's EOT over a randomized model: unit by unit
+            out.append(unit_stage(full, name, norm, _autoattack_unit(sub, norm, eps, version, seed, steps, n_queries),
+                                  seed=seed))
     return out
 
 
-def _autoattack_stage(full, name, sub, *, norm, eps, version, seed):
-    from fastadv.attacks.autoattack import default_settings
-
-    def settings(n_classes):
-        return default_settings(version, n_classes)
-
-    if sub in ("apgd-ce", "apgd-dlr", "apgd-t"):
-        # the settings depend on n_classes (the target count) only for apgd-t
-        probe = settings(10)
-        s = probe[1] if sub == "apgd-t" else probe[0]
-        if s.eot_iter != 1:  # the 'rand' version: EOT over a randomized model, unit by unit
-            return unit_stage(full, name, norm, _autoattack_unit(sub, norm, eps, version, seed), seed=seed)
-        return apgd_stage(full, name, norm=norm, eps=eps, steps=s.n_iter, n_restarts=s.n_restarts,
-                          loss={"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[sub],
-                          arithmetic="original", seed=seed)
-    return unit_stage(full, name, norm, _autoattack_unit(sub, norm, eps, version, seed), seed=seed)
-
-
-def _autoattack_unit(sub, norm, eps, version, seed):
+def _autoattack_unit(sub, norm, eps, version, seed, steps, n_queries):
     """build(model, n_classes) for a sub-attack of AutoAttack run on one unit, as AutoAttack runs it."""
 
     def build(model, n_classes):
         from fastadv.attacks.autoattack import AutoAttack
 
-        atk = AutoAttack(model, norm=norm, eps=eps, version=version, n_classes=n_classes, seed=seed)
+        atk = AutoAttack(model, norm=norm, eps=eps, version=version, n_classes=n_classes, seed=seed, steps=steps,
+                         n_queries=n_queries)
 
         def run(x, y):
             return atk._run_attack(sub, x, y, atk.get_logits)
@@ -148,18 +139,3 @@ def _autoattack_unit(sub, norm, eps, version, seed):
         return run
 
     return build
-
-
-def still_robust(model, adv, y):
-    """Per sample: does the model classify adv correctly (a no-grad forward)."""
-    with torch.no_grad():
-        return model(adv).argmax(1) == y
-
-
-def stage_eps_vector(eps, x):
-    return torch.full((x.shape[0],), float(eps), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                      device=x.device)
-
-
-def n_units(n_points, size):
-    return math.ceil(n_points / size)

@@ -13,18 +13,8 @@ from fastadv import functional as F
 from fastadv import loop, slots
 from fastadv.calls import CallCounter
 from fastadv.engine import CYCLE_MIN_STEPS
-from fastadv.models import SmallCNN
-from fastadv.train import TrainConfig, fit
 from helpers import assert_equal
 from host_syncs import Recorder
-
-
-@pytest.fixture(scope="module")
-def robust_cnn(digits):
-    (x, y), _ = digits
-    model = SmallCNN()
-    fit(model, x, y, TrainConfig(method="pgd", eps=0.2, steps=10), epochs=2, seed=0)
-    return model.eval()
 
 
 @pytest.fixture

@@ -372,6 +372,7 @@ class APGDSlots:
         s.reduced_last_check = s.reduced_last_check.index_fill(0, dev_rows, True)
         s.last_loss = s.last_loss.index_fill(0, dev_rows, 0.0)
         s.increases = s.increases.index_fill(0, dev_rows, 0)
+        s.history[0].index_fill_(0, dev_rows, 0)  # the count before the run's first iteration
 
     # -- one iteration of every slot -------------------------------------------------------------
 
@@ -391,7 +392,8 @@ class APGDSlots:
             if self.n_iter == 1:  # the reference compares iteration 0 with loss_steps[-1], itself then
                 increased = torch.zeros_like(increased)
             s.increases = _select(running, s.increases + increased, s.increases)
-            s.history[torch.as_tensor(np.where(running, age, 0), device=s.y.device), s.columns] = s.increases
+            rows = torch.as_tensor(np.flatnonzero(running), device=s.y.device)
+            s.history[torch.as_tensor(age[running], device=s.y.device), rows] = s.increases.index_select(0, rows)
             s.last_loss = _select(running, loss.float(), s.last_loss)
             improved = loss > s.loss_best
             fooled = ~pred
