@@ -144,11 +144,15 @@ AUTO_SLOTS_MIN = 32
 
 
 def training_module(module):
-    """The name of the first submodule in training mode (e.g. 'features.3 (BatchNorm2d)'), or None."""
-    for name, m in module.named_modules():
-        if m.training:
-            return f"{name or 'the model'} ({type(m).__name__})"
-    return None
+    """The module in training mode that makes a sample depend on the others (a BatchNorm's batch
+    statistics, a Dropout's draws), named like 'features.3 (BatchNorm2d)'; else the first module
+    in training mode; None when every module is in eval mode."""
+    training = [(name, m) for name, m in module.named_modules() if m.training]
+    if not training:
+        return None
+    mixing = [(n, m) for n, m in training if "Norm" in type(m).__name__ or "Dropout" in type(m).__name__]
+    name, m = (mixing or training)[0]
+    return f"{name or 'the model'} ({type(m).__name__})"
 
 
 # cycle_exit=None turns the exit on from this many steps: iterates settle into cycles after

@@ -294,7 +294,7 @@ def evaluate(model, data, *args, eps, batch_size=None, state_path=None, seed=0, 
         source = as_source(data, "evaluate's data")
     except DataError as e:
         raise EvaluationError(str(e)) from None
-    batch_size = batch_size or source.batch_size or 128
+    batch_size = batch_size if batch_size is not None else (source.batch_size or 128)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise EvaluationError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not source.streamed:

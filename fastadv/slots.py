@@ -12,7 +12,10 @@ Work arrives in **units**: samples whose random draws are made together (a whole
 call, as the reference draws them, or one chunk of an evaluation). A unit runs one or more
 **phases** (APGD's restarts and target classes): phase p + 1 of a unit starts when every
 one of its samples has finished phase p, with the samples that phase p lets go on. Units
-and phases share the slots freely; the queue is first come, first served.
+and phases share the slots freely. The queue serves first the members of the units with the
+most phases still to run (their chains of phases are the longest; serving them first keeps
+the last units from running their phases alone on a mostly empty batch), then in order of
+arrival.
 
 The scheduler (``run``) is generic. A program, the attack's iteration on slots, provides:
 
@@ -30,8 +33,9 @@ The scheduler (``run``) is generic. A program, the attack's iteration on slots, 
   per member, whether it goes on to the unit's next phase (None: none does);
 - ``finish(phase)`` (optional): called once every member of a phase has left.
 """
-import collections
 import dataclasses
+import heapq
+import itertools
 
 import numpy as np
 import torch
@@ -120,7 +124,8 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None, shr
     occupant = [None] * size  # (phase, position in phase.members) per slot
     age = np.full(size, -1, dtype=np.int64)
     limit = np.zeros(size, dtype=np.int64)
-    queue = collections.deque()  # (phase, position) waiting for a slot
+    queue = []  # a heap of (-phases left, arrival, phase, position) waiting for a slot
+    arrivals = itertools.count()
     units = iter(units)
     source_open = True
     remaining_phases = {}
@@ -132,7 +137,9 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None, shr
         phase.state = program.begin(unit, index, members)
         phase.outstanding = len(members)
         stats.samples += len(members) if index == 0 else 0
-        queue.extend((phase, i) for i in range(len(members)))
+        left = remaining_phases[id(unit)] - index
+        for i in range(len(members)):
+            heapq.heappush(queue, (-left, next(arrivals), phase, i))
 
     def close_phase(phase):
         unit = phase.unit
@@ -159,7 +166,7 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None, shr
         free = [b for b in range(size) if occupant[b] is None]
         while (len(queue) < len(free) or not queue) and source_open:  # an empty queue looks one unit ahead
             pull_unit()
-        for group_phase, rows, positions in _groups((queue.popleft(), b) for b in free[:len(queue)]):
+        for group_phase, rows, positions in _groups((heapq.heappop(queue)[2:], b) for b in free[:len(queue)]):
             program.admit(torch.as_tensor(rows), group_phase, torch.as_tensor(positions))
             for b, p in zip(rows, positions):
                 occupant[b] = (group_phase, p)
