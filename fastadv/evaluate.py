@@ -566,7 +566,8 @@ class _Run:
             entries = [stage_entry(j) for j in ks]
             attacks.append({
                 "name": spec.name, "norm": spec.norm, "params": spec.params, "robust": counts[last],
-                "robust_accuracy": counts[last] / n, "seconds": sum(e["seconds"] for e in entries),
+                "robust_accuracy": counts[last] / n, "attacked": entries[0]["attacked"],
+                "seconds": sum(e["seconds"] for e in entries),
                 "forwards": sum(e["forwards"] for e in entries), "backwards": sum(e["backwards"] for e in entries),
                 "gradients_per_sample": entries[0]["gradients_per_sample"] if len(entries) == 1 else None,
                 "slots": entries[0]["slots"] if len(entries) == 1 else None,
