@@ -400,9 +400,10 @@ class _Run:
             try:
                 data_id = self.source.identity(read=state_path is not None)
             except Exception as e:  # a data set read whole can fail on rank 0 alone: every rank raises it
+                data_id = e if isinstance(e, (DataError, EvaluationError)) else EvaluationError(
+                    f"reading the data set to fingerprint it failed: {type(e).__name__}: {e}")
                 if self.world == 1:
-                    raise
-                data_id = e
+                    raise data_id from e
         if self.world > 1:
             data_id = broadcast_object(data_id)
             if isinstance(data_id, Exception):
@@ -488,6 +489,10 @@ class _Run:
                 xb, yb = next(batches)
             except StopIteration:
                 raise EvaluationError(f"the data ended early: no data for the {where}") from None
+            except (DataError, EvaluationError):
+                raise
+            except Exception as e:  # a data set that fails to read: name the batch
+                raise EvaluationError(f"reading the {where} failed: {type(e).__name__}: {e}") from e
             if self.source.streamed or xb.shape[0] != len(idx):
                 check_batch(xb, yb, self.n_classes, where, EvaluationError)
                 if xb.shape[0] != len(idx):

@@ -151,11 +151,20 @@ def test_training_mode_turns_the_exit_off_with_a_warning(trained_models, test_se
 # -- evaluation on slots ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attacks", [["pgd-60"], ["apgd-ce-30"], ["fgsm", "pgd-40", "apgd-t-10"]])
-@pytest.mark.parametrize("size", [13, 64])
-def test_evaluate_flags_with_and_without_exits_are_identical(robust_cnn, test_set, attacks, size):
+@pytest.mark.parametrize("attacks,size,model_name", [
+    (["pgd-60"], 13, "robust"), (["pgd-60"], 64, "robust"), (["apgd-ce-30"], 13, "robust"),
+    (["apgd-ce-30"], 64, "robust"), (["fgsm", "pgd-40", "apgd-t-10"], 13, "robust"),
+    (["fgsm", "pgd-40", "apgd-t-10"], 64, "robust"), (["pgd-60", "apgd-dlr-20"], 29, "cnn"),
+    (["pgd-60", "apgd-t-10"], 29, "mlp"),
+])
+def test_evaluate_flags_with_and_without_exits_are_identical(robust_cnn, trained_models, test_set, attacks, size,
+                                                             model_name):
+    """Trained models (the PGD-trained CNN, the BatchNorm CNN in eval mode, the MLP), odd slot
+    counts, 150 points (not a multiple): every flag equal, never more gradient evaluations."""
+    model = robust_cnn if model_name == "robust" else trained_models[model_name]
     x, y = test_set[0][:150], test_set[1][:150]
-    reports = {exits: evaluate(robust_cnn, x, y, attacks, eps=0.2, batch_size=size, exits=exits)
+    reports = {exits: evaluate(model, x, y, attacks, eps=0.2 if model_name == "robust" else 0.1, batch_size=size,
+                               exits=exits)
                for exits in (True, False)}
     assert torch.equal(reports[True]["robust_flags"], reports[False]["robust_flags"])
     for a, b in zip(reports[True]["attacks"], reports[False]["attacks"]):
@@ -215,20 +224,34 @@ def test_evaluate_bad_slot_counts(robust_cnn, test_set):
         fastadv.PGD(robust_cnn, batch_size=0)
 
 
-def test_evaluate_names_a_stream_that_ends_early(robust_cnn, test_set):
-    class Short(torch.utils.data.Dataset):
-        """Claims 40 samples, has 30: the loader fails on the missing ones."""
+def test_evaluate_names_a_batch_that_fails_and_keeps_the_state(robust_cnn, test_set, tmp_path):
+    """A data set that claims 40 samples and fails on the last ones: a clear error naming the
+    batch, raised in the attack stage; the state file keeps the clean pass."""
 
+    class Short(torch.utils.data.Dataset):
         def __len__(self):
             return 40
 
+        def fingerprint(self):  # its own identity: the state file check reads no sample
+            return "short-40"
+
         def __getitem__(self, i):
             if i >= 30:
-                raise IndexError(i)
+                raise IndexError(f"no sample {i}")
             return test_set[0][i], int(test_set[1][i])
 
-    with pytest.raises((EvaluationError, IndexError)):
-        evaluate(robust_cnn, Short(), ["pgd-10"], eps=0.1, batch_size=8)
+    state = tmp_path / "state.pt"
+    with pytest.raises(EvaluationError, match=r"batch of samples 24\.\.31 \(clean pass\)"):
+        evaluate(robust_cnn, Short(), ["pgd-10"], eps=0.1, batch_size=8, state_path=state)
+    saved = torch.load(state, weights_only=True)
+    assert bool(saved["done"][0, :24].all()) and not bool(saved["done"][0, 24:].any())
+
+
+def test_call_counter_keeps_an_eval_model_in_eval(robust_cnn, test_set):
+    """torchattacks restores 'the model's mode' after an attack: the wrapper's mode is the model's."""
+    counted = CallCounter(robust_cnn)
+    torchattacks.PGD(counted, eps=0.1, alpha=0.05, steps=2)(test_set[0][:8], test_set[1][:8])
+    assert not any(m.training for m in robust_cnn.modules())
 
 
 def test_scheduler_phases_and_units_on_a_synthetic_program():
