@@ -8,6 +8,8 @@ Three parts, each timed with the variants alternating (the order reverses every 
 - ``eval``: fastadv.evaluate with exits and with exits=False on the same slots: per stage
   the gradient evaluations, the slots' occupancy while points waited to be admitted and in
   the tail, median time, and whether every per-sample flag agrees.
+- ``anchor``: the cycle exit with and without its power-of-two anchor (periods longer than
+  the ring of 16 iterates), at the model's step size and at eps / 40.
 - ``invariance``: does a sample's logits and input gradient stay bit-identical when the
   other rows of a fixed-shape batch change or are permuted (with deterministic algorithms
   on and off), and across batch sizes? The property the exits rest on (docs: exactness).
@@ -95,6 +97,34 @@ def part_pgd(model, x, y, eps, alpha, *, steps, size, repeats, device):
     return row
 
 
+def part_anchor(model, x, y, eps, alpha, *, steps, size, repeats, device):
+    """PGD on slots with the cycle exit, with and without the power-of-two anchor that catches
+    periods longer than the ring: gradient evaluations, time, equality."""
+    import fastadv
+    from fastadv import slots
+    from fastadv.calls import CallCounter
+
+    counter = CallCounter(model)
+
+    def run(anchor):
+        def go():
+            saved, slots.CYCLE_ANCHOR = slots.CYCLE_ANCHOR, anchor
+            try:
+                counter.reset()
+                torch.manual_seed(0)
+                adv = fastadv.PGD(counter, eps=eps, alpha=alpha, steps=steps, batch_size=size)(x, y)
+                return adv, counter.backwards / x.shape[0]
+            finally:
+                slots.CYCLE_ANCHOR = saved
+        return go
+
+    runs = alternate({"anchor": run(True), "ring only": run(False)}, repeats, device)
+    (a, ga), ta = runs["anchor"]
+    (b, gb), tb = runs["ring only"]
+    return {"part": "anchor", "steps": steps, "alpha": alpha, "slots": size, "anchor_grads": ga, "ring_grads": gb,
+            "anchor_ms": statistics.median(ta), "ring_ms": statistics.median(tb), "equal": bool(torch.equal(a, b))}
+
+
 def part_eval(model, x, y, eps, attacks, *, size, repeats, device):
     import fastadv
 
@@ -178,6 +208,9 @@ EVAL_COLUMNS = [("model", "model"), ("attacks", "attacks"), ("stage", "stage"), 
                 ("occupancy admitting", "occupancy_admitting"), ("occupancy tail", "occupancy_tail"),
                 ("s", "exit_s"), ("s, no exit", "plain_s"), ("ms total", "exit_ms"), ("ms total, no exit", "plain_ms"),
                 ("time fraction", "time_fraction"), ("flags equal", "flags_equal")]
+ANCHOR_COLUMNS = [("model", "model"), ("steps", "steps"), ("alpha", "alpha"), ("slots", "slots"),
+                  ("grads/sample, ring + anchor", "anchor_grads"), ("grads/sample, ring only", "ring_grads"),
+                  ("ms, ring + anchor", "anchor_ms"), ("ms, ring only", "ring_ms"), ("equal", "equal")]
 INV_COLUMNS = [("model", "model"), ("slots", "slots"), ("deterministic", "deterministic"),
                ("repeat equal", "repeat_equal"), ("other rows replaced: equal", "other_rows_equal"),
                ("rows permuted: equal", "permuted_equal"), ("batch sizes that differ", "batch_sizes_that_differ")]
@@ -191,6 +224,8 @@ def markdown(data):
              f"({'CPU time, ' + str(data['threads']) + ' thread' if data['device'] == 'cpu' else 'CUDA events'}); "
              "gradient evaluations counted by wrapping the model, padding slots included.", ""]
     for part, title, cols in (("pgd", "PGD on slots vs torchattacks on the whole batch", PGD_COLUMNS),
+                              ("anchor", "The cycle exit with and without the anchor (periods beyond the ring)",
+                               ANCHOR_COLUMNS),
                               ("eval", "fastadv.evaluate with and without exits (the same slots)", EVAL_COLUMNS),
                               ("invariance", "A sample's numbers at a fixed shape", INV_COLUMNS)):
         rows = [r for r in data["rows"] if r["part"] == part]
@@ -201,7 +236,7 @@ def markdown(data):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_slots", description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="pgd,eval,invariance")
+    p.add_argument("--parts", default="pgd,anchor,eval,invariance")
     p.add_argument("--models", default="digits-cnn,digits-cnn-plain")
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=449, help="points (the digits test split has 449)")
@@ -228,6 +263,11 @@ def main(argv=None):
             for steps in map(int, args.steps.split(",")):
                 new.append(part_pgd(model, x, y, eps, alpha, steps=steps, size=args.slots, repeats=args.repeats,
                                     device=device))
+        if "anchor" in parts:
+            for steps in map(int, args.steps.split(",")):
+                for a in (alpha, eps / 40):
+                    new.append(part_anchor(model, x, y, eps, a, steps=steps, size=args.slots, repeats=args.repeats,
+                                           device=device))
         if "eval" in parts:
             for cascade in args.attacks.split(";"):
                 new += part_eval(model, x, y, eps, cascade.split(","), size=args.slots, repeats=args.repeats,

@@ -284,7 +284,7 @@ class CycleWatch:
     match are compared bit for bit, and only a bitwise match closes a cycle.
     """
 
-    def __init__(self, adv: torch.Tensor, history: int):
+    def __init__(self, adv: torch.Tensor, history: int, anchor: bool = True):
         if history < 2:
             raise ValueError(f"the cycle history must be >= 2 iterates, got {history}")
         self.history, self.rows = history, adv.shape[0]
@@ -300,6 +300,7 @@ class CycleWatch:
         self.anchor = torch.empty_like(adv)
         self.anchor_print = torch.zeros(self.rows, dtype=torch.float64, device=adv.device)
         self.anchor_age = np.full(self.rows, -1, dtype=np.int64)
+        self.anchored = anchor
         self.clock = 0  # the ring position of the current iterate
 
     @property
@@ -318,7 +319,7 @@ class CycleWatch:
         position = self.clock % self.history
         self._fingerprint(position)
         save = (age > 0) & ((age & (age - 1)) == 0)  # powers of two
-        if save.any():
+        if self.anchored and save.any():
             rows = torch.as_tensor(np.flatnonzero(save), device=self.anchor.device)
             self.anchor.index_copy_(0, rows, self.current.index_select(0, rows))
             self.anchor_print.index_copy_(0, rows, self.prints[position].index_select(0, rows))
@@ -385,6 +386,7 @@ class CycleWatch:
 # -- a fixed number of steps of one iterate: PGD, BIM, RFGSM, TPGD ------------------------------
 
 CYCLE_HISTORY = 16  # iterates the ring keeps per slot: periods up to 15 close at once
+CYCLE_ANCHOR = True  # also catch longer periods at the power-of-two anchors (benchmarks/bench_slots.py)
 
 
 def slot_buffers(data: dict, size: int) -> dict:
@@ -448,7 +450,7 @@ class Iterations:
     def _allocate(self, data):
         self.bufs = slot_buffers(data, self.size)
         adv = self.bufs.pop("adv")
-        self.watch = CycleWatch(adv, self.history) if self.cycle_exit else None
+        self.watch = CycleWatch(adv, self.history, anchor=CYCLE_ANCHOR) if self.cycle_exit else None
         self._adv = adv
         self.grad = self.make_grad(self.bufs)
         self.fooled = torch.zeros(self.size, dtype=torch.bool, device=adv.device)
