@@ -295,3 +295,23 @@ def test_scheduler_phases_and_units_on_a_synthetic_program():
     assert units[1].results["phases"] == {0: [0], 1: [0], 2: [0]}
     assert stats.useful == sum((m + k) % 4 + 1 for k, n in enumerate((5, 1, 4)) for m in range(n)) + \
         2 * sum((m + k) % 4 + 1 for k, n in enumerate((5, 1, 4)) for m in range(0, n, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,norm,eps", [("autoattack", "Linf", 0.1), ("autoattack-l2", "L2", 0.6)])
+def test_cli_autoattack_flags_equal_the_original(robust_cnn, test_set, tmp_path, capsys, monkeypatch, name, norm, eps):
+    """`fastadv eval --attack autoattack` (the original's standard version, full budget) on 40
+    digits: the state file's flags after each sub-attack equal pyautoattack's at chunk 250."""
+    from fastadv.cli import main
+
+    ckpt, state = tmp_path / "robust.pt", tmp_path / "state.pt"
+    torch.save(robust_cnn.state_dict(), ckpt)
+    rc = main(["eval", "--checkpoint", str(ckpt), "--attack", name, "--eps", str(eps), "--limit", "40",
+               "--batch-size", "250", "--state", str(state), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    flags = torch.load(state, weights_only=True)["flags"]
+    x, y = test_set[0][:40].clone(), test_set[1][:40].clone()
+    _, flags_ref = _original_autoattack(robust_cnn, x, y, monkeypatch, norm=norm, eps=eps, batch_size=250)
+    assert len(flags) == 1 + len(flags_ref)
+    for k, (stage, ref) in enumerate(flags_ref.items(), start=1):
+        assert torch.equal(flags[k], ref), f"{name}, after {stage}: {int((flags[k] != ref).sum())} flags differ"
