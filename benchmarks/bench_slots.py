@@ -21,6 +21,8 @@ Three parts, each timed with the variants alternating (the order reverses every 
 Results: benchmarks/results/slots_<device-slug>.{json,md}.
 """
 import argparse
+import json
+import pathlib
 import statistics
 import sys
 
@@ -196,12 +198,12 @@ def part_invariance(model, x, y, *, size, device):
     return rows
 
 
-PGD_COLUMNS = [("model", "model"), ("steps", "steps"), ("slots", "slots"), ("grads/sample torchattacks", "ta_grads"),
+PGD_COLUMNS = [("model", "model"), ("eps", "eps"), ("steps", "steps"), ("slots", "slots"), ("grads/sample torchattacks", "ta_grads"),
                ("grads/sample slots", "plain_grads"), ("grads/sample slots + exit", "exit_grads"),
                ("grads fraction", "grads_fraction"), ("ms torchattacks", "ta_ms"), ("ms slots", "plain_ms"),
                ("ms slots + exit", "exit_ms"), ("time vs torchattacks", "time_vs_torchattacks"),
                ("time vs no exit", "time_vs_no_exit"), ("equal", "exit_equal"), ("no-exit equal", "plain_equal")]
-EVAL_COLUMNS = [("model", "model"), ("attacks", "attacks"), ("stage", "stage"), ("slots", "slots"),
+EVAL_COLUMNS = [("model", "model"), ("eps", "eps"), ("attacks", "attacks"), ("stage", "stage"), ("slots", "slots"),
                 ("points attacked", "attacked"), ("robust", "robust"), ("robust, no exit", "robust_no_exit"),
                 ("grads", "exit_grads"), ("grads, no exit", "plain_grads"), ("grads fraction", "grads_fraction"),
                 ("grads/point", "exit_grads_per_point"), ("grads/point, no exit", "plain_grads_per_point"),
@@ -217,12 +219,15 @@ INV_COLUMNS = [("model", "model"), ("slots", "slots"), ("deterministic", "determ
 
 
 def markdown(data):
-    env = data["env"]
     lines = ["# Fixed-shape slots: calls, occupancy and time, with and without the exact exits", "",
-             f"{env['device']}; commit {env['commit']}; torch {env['torch']}; python {env['python']}; {env['date']} (UTC).",
-             f"Command: `{data['command']}`. Times: median of {max(data['repeats'], 1)} alternating run(s) "
-             f"({'CPU time, ' + str(data['threads']) + ' thread' if data['device'] == 'cpu' else 'CUDA events'}); "
-             "gradient evaluations counted by wrapping the model, padding slots included.", ""]
+             "Gradient evaluations are counted by wrapping the model, padding slots included; times are medians "
+             "of alternating runs (CPU time on the CPU, CUDA events on a GPU). Each row names the run it comes from:", ""]
+    for i, run in enumerate(data["runs"]):
+        env = run["env"]
+        lines.append(f"- run {i}: `{run['command']}`; {env['device']}; commit {env['commit']}; torch {env['torch']}; "
+                     f"python {env['python']}; {env['date']} (UTC); {run['repeats']} timed repeat(s), "
+                     f"{run['threads']} thread(s), load {run['load']}")
+    lines.append("")
     for part, title, cols in (("pgd", "PGD on slots vs torchattacks on the whole batch", PGD_COLUMNS),
                               ("anchor", "The cycle exit with and without the anchor (periods beyond the ring)",
                                ANCHOR_COLUMNS),
@@ -230,7 +235,7 @@ def markdown(data):
                               ("invariance", "A sample's numbers at a fixed shape", INV_COLUMNS)):
         rows = [r for r in data["rows"] if r["part"] == part]
         if rows:
-            lines += [f"## {title}", "", results.table(rows, cols), ""]
+            lines += [f"## {title}", "", results.table(rows, [("run", "run"), *cols]), ""]
     return "\n".join(lines)
 
 
@@ -241,6 +246,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=449, help="points (the digits test split has 449)")
     p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--eps", type=float, default=None, help="budget for every model (default: per model)")
     p.add_argument("--steps", default="100,1000", help="PGD steps of the pgd part")
     p.add_argument("--attacks", default="pgd-100;apgd-ce;pgd-100,apgd-ce",
                    help="cascades of the eval part, ';' between cascades")
@@ -253,11 +259,15 @@ def main(argv=None):
     device = torch.device(args.device)
     parts = args.parts.split(",")
     command = "python -m benchmarks.bench_slots " + " ".join(argv if argv is not None else sys.argv[1:])
-    data = {"command": command, "repeats": args.repeats, "threads": args.threads, "device": device.type,
-            "env": results.environment(device), "rows": []}
+    load_avg = round(__import__("os").getloadavg()[0], 2)
+    run = {"command": command, "repeats": args.repeats, "threads": args.threads, "env": results.environment(device),
+           "load": load_avg}
+    rows = []
     for name in args.models.split(","):
         model, x, y = load(name, device, args.n)
         eps, alpha = CASES.get(name, (8 / 255, 2 / 255))
+        if args.eps is not None:
+            eps, alpha = args.eps, args.eps / 4
         new = []
         if "pgd" in parts:
             for steps in map(int, args.steps.split(",")):
@@ -275,18 +285,27 @@ def main(argv=None):
         if "invariance" in parts:
             new += part_invariance(model, x, y, size=min(args.slots, args.n), device=device)
         for r in new:
-            r["model"] = name
+            r["model"], r["eps"] = name, eps
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, file=sys.stderr)
-        data["rows"] += new
+        rows += new
     if not args.no_write:
         out = args.out or str(results.RESULTS_DIR / f"slots_{results.device_slug(device)}")
-        import json
-        import pathlib
-
-        pathlib.Path(out + ".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+        path = pathlib.Path(out + ".json")
+        data = json.loads(path.read_text()) if path.exists() else {"runs": [], "rows": []}
+        # rows of earlier runs stay unless this run measured the same (model, eps, part) again
+        fresh = {(r["model"], r["eps"], r["part"]) for r in rows}
+        kept = [r for r in data["rows"] if (r["model"], r["eps"], r["part"]) not in fresh]
+        runs = [data["runs"][i] for i in sorted({r["run"] for r in kept})] + [run]
+        renumber = {old: new for new, old in enumerate(sorted({r["run"] for r in kept}))}
+        for r in kept:
+            r["run"] = renumber[r["run"]]
+        for r in rows:
+            r["run"] = len(runs) - 1
+        data = {"runs": runs, "rows": kept + rows}
+        path.write_text(json.dumps(data, indent=1, default=str) + "\n")
         pathlib.Path(out + ".md").write_text(markdown(data))
         print(f"wrote {out}.json and {out}.md", file=sys.stderr)
-    return data["rows"]
+    return rows
 
 
 if __name__ == "__main__":
