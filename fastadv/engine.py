@@ -1,6 +1,7 @@
 """The attack loop's machinery: engine options, model state handling, input-only gradients."""
 import contextlib
 import dataclasses
+import math
 
 import torch
 import torch.nn as nn
@@ -147,8 +148,11 @@ def model_guard(model, *, model_training=False, batchnorm_training=False, dropou
     if not isinstance(model, nn.Module):
         yield
         return
-    modes = [(m, m.training) for m in model.modules()]
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    modes, trainable = [], []
+    for m in model.modules():  # one walk: parameters() would walk the modules again
+        modes.append((m, m.training))
+        trainable += [p for p in m._parameters.values() if p is not None and p.requires_grad]
+    trainable = list(dict.fromkeys(trainable))  # a parameter shared by two modules is restored once
     try:
         if model_training:
             model.train()
@@ -173,7 +177,10 @@ class CrossEntropyGradient:
     """grad of CE(forward(adv), labels) w.r.t. adv; of -CE towards the labels when targeted.
 
     Mirrors the reference: mean-reduced cross-entropy, `torch.autograd.grad` on the
-    input only. The first call checks the model's output shape and the label range.
+    input only. The first call checks the model's output shape and the label range; inside
+    an attack call (validation.deferred) the range is read with the call's other checks at
+    its end, and meanwhile the loss takes the labels clamped into range (the same labels
+    when they are valid), so a bad label cannot fail on the device before its clear error.
     The logits of the last call stay in ``last_logits`` (for early stopping).
 
     precision ('bf16' or 'fp16', fast mode) runs forward and backward under autocast;
@@ -194,7 +201,9 @@ class CrossEntropyGradient:
     def logits(self, adv: torch.Tensor) -> torch.Tensor:
         out = self.forward(adv)
         if not self._checked:
-            check_logits(out, self.labels)
+            check_logits(out, self.labels, defer=True)
+            if validation.deferred_open():
+                self.labels = self.labels.clamp(0, out.shape[1] - 1)
             self._checked = True
         return out
 
@@ -219,11 +228,11 @@ class CrossEntropyGradient:
         pred = self.last_logits.argmax(1)
         return pred == self.labels if self.targeted else pred != self.labels
 
-    def keep(self, mask: torch.Tensor) -> None:
-        """Drop the samples where mask is False (early stopping)."""
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these samples (a bool mask, or the indices of the rows kept; early stopping)."""
         if self._batch is None and self.reduction == "mean":
-            self._batch = float(mask.shape[0])
-        self.labels = self.labels[mask]
+            self._batch = float(self.labels.shape[0])
+        self.labels = self.labels[rows]
 
 
 def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy_images=True, **kwargs):
@@ -236,9 +245,14 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy
     the device as fp32). engine: an EngineOptions or a dict of its fields; its
     batch_size chunks the run (per-sample budgets are chunked alongside).
     """
+    engine = engine if isinstance(engine, EngineOptions) else EngineOptions(**(engine or {}))
+    with validation.deferred(), backend.pinned():
+        return _run_functional(core, model, images, labels, budgets, engine, copy_images, kwargs)
+
+
+def _run_functional(core, model, images, labels, budgets, engine, copy_images, kwargs):
     from fastadv.loop import chunked
 
-    engine = engine if isinstance(engine, EngineOptions) else EngineOptions(**(engine or {}))
     validation.check_images(images)
     validation.check_labels(labels, images.shape[0])
     n = images.shape[0]
@@ -251,14 +265,16 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy
         return x
     y = labels.detach().to(device, copy=True)
     per_sample = {k for k in budgets if isinstance(kwargs[k], torch.Tensor)}
-    index = torch.arange(n, device=device)
 
     def run_chunk(xc, idx):
         chunk_kwargs = {k: (v[idx] if k in per_sample else v) for k, v in kwargs.items()}
         return core(model, xc, y[idx], engine=engine, **chunk_kwargs)
 
     with model_guard(model):
-        return finite_or_clean(chunked(run_chunk, x, index, engine.batch_size), x)
+        if per_sample:  # [N] budgets are chunked with the samples: chunk the row indices
+            return finite_or_clean(chunked(run_chunk, x, torch.arange(n, device=device), engine.batch_size), x)
+        return finite_or_clean(chunked(lambda xc, yc: core(model, xc, yc, engine=engine, **kwargs), x, y,
+                                       engine.batch_size), x)
 
 
 def finite_or_clean(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -266,11 +282,14 @@ def finite_or_clean(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
     Degenerate gradients (a dead network, inf logits) make some reference arithmetic
     produce NaN (APGD-L2, CW, DeepFool); an attack that failed that way returns the
-    clean image instead. One pass per call, never per step; finite results are untouched.
+    clean image instead. One read pass per call, never per step: a finite sum means every
+    entry is finite (an overflow takes the exact path), and the sum is read in the call's
+    one host read of its edge checks (validation.deferred); finite results are untouched.
     """
     if adv.shape != x.shape or adv.numel() == 0:
         return adv
-    if adv.device.type == "cpu" and torch.isfinite(adv.sum()):
-        return adv  # a finite sum means every entry is finite: one read pass, no copy (an overflow takes the exact path)
+    (total,) = validation.read_with_checks(adv.sum())
+    if math.isfinite(total):
+        return adv
     bad = ~torch.isfinite(adv).reshape(adv.shape[0], -1).all(1)
     return torch.where(bad.reshape(-1, *([1] * (adv.dim() - 1))), x.to(adv.dtype), adv)

@@ -9,8 +9,8 @@ never changes the arithmetic of a step:
   the Triton backend. A model that cannot be captured falls back to eager with a
   one-line warning;
 - early stop: after each gradient evaluation the samples that already fool the
-  model leave the batch (one host sync per step); each keeps the first iterate
-  that fooled it.
+  model leave the batch (one host sync per step: how many left; the rows are then
+  moved by index, without reading them); each keeps the first iterate that fooled it.
 - cycle exit (``run_cycle_exit``): samples whose iterate repeats an earlier one leave
   the batch with the final iterate their cycle implies (the same bits as eager).
 """
@@ -25,10 +25,9 @@ from fastadv.validation import memory_format
 _uncapturable = set()
 
 
-def keep_rows(tensors: dict, mask: torch.Tensor) -> dict:
-    """Index every per-sample tensor (first dim = batch) of a dict by mask."""
-    n = mask.shape[0]
-    return {k: (v[mask] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v) for k, v in tensors.items()}
+def keep_rows(tensors: dict, rows: torch.Tensor, n: int) -> dict:
+    """Index every per-sample tensor (first dim = n, the batch) of a dict by rows (indices or a mask)."""
+    return {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v) for k, v in tensors.items()}
 
 
 def run(update, grad, adv, steps, per_sample, *, early_stop=False, cuda_graph=False, model=None):
@@ -53,13 +52,17 @@ def _run_early_stop(update, grad, adv, steps, per_sample):
     for _ in range(steps):
         g = grad(adv)
         fooled = grad.succeeded()
-        if fooled.any():  # the one host sync per step that early stopping costs
-            result[active[fooled]] = adv[fooled]
-            keep = ~fooled
+        n, left = fooled.shape[0], int(fooled.sum())  # the one host sync per step that early stopping costs
+        if left:
+            # the rows that stay first, then those that leave, each in batch order: index tensors
+            # of known length, so that no mask is read on the host again
+            order = torch.argsort(fooled.to(torch.uint8), stable=True)
+            keep, gone = order[:n - left], order[n - left:]
+            result.index_copy_(0, active[gone], adv[gone])
             active, adv, g = active[keep], adv[keep], g[keep]
-            per_sample = keep_rows(per_sample, keep)
+            per_sample = keep_rows(per_sample, keep, n)
             grad.keep(keep)
-            if active.numel() == 0:
+            if left == n:
                 return result
         adv = update(adv, g, **per_sample)
     result[active] = adv
@@ -121,7 +124,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def chunked(fn, x, y, batch_size):
-    """fn(x[i:j], y[i:j]) over chunks of at most batch_size, concatenated.
+    """fn(x[i:j], y[i:j]) over chunks of at most batch_size, concatenated (y may be None).
 
     When an allocation fails (CUDA or CPU out of memory) the chunk is halved and
     retried from the same RNG state, so a large evaluation finishes rather than
@@ -133,10 +136,15 @@ def chunked(fn, x, y, batch_size):
         return _retry_on_oom(fn, x, y, n)
     outs, start = [], 0
     while start < n:
-        out, size = _retry_on_oom(fn, x[start:start + size], y[start:start + size], size, return_size=True)
+        out, size = _retry_on_oom(fn, x[start:start + size], _rows(y, start, start + size), size, return_size=True)
         outs.append(out)
         start += out.shape[0]
     return torch.cat(outs)
+
+
+def _rows(t, start, stop):
+    """t[start:stop]; t itself when that is all of it (a slice is a dispatched op), None for None."""
+    return t if t is None or (start == 0 and stop >= t.shape[0]) else t[start:stop]
 
 
 def _retry_on_oom(fn, x, y, size, return_size=False):
@@ -149,7 +157,7 @@ def _retry_on_oom(fn, x, y, size, return_size=False):
     state = rng_state()
     while True:
         try:
-            out = fn(x[:size], y[:size])
+            out = fn(_rows(x, 0, size), _rows(y, 0, size))
             return (out, size) if return_size else _finish_rest(fn, x, y, out, size)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if size == 1 or not is_out_of_memory(exc):
@@ -164,7 +172,7 @@ def _retry_on_oom(fn, x, y, size, return_size=False):
 def _finish_rest(fn, x, y, first, size):
     if size >= x.shape[0]:
         return first
-    return torch.cat([first, chunked(fn, x[size:], y[size:], size)])
+    return torch.cat([first, chunked(fn, x[size:], None if y is None else y[size:], size)])
 
 
 # Exact early exit (cycle_exit): how many recent iterates are kept per sample (periods up to
