@@ -209,19 +209,24 @@ class CrossEntropyGradient:
 
     def __call__(self, adv: torch.Tensor) -> torch.Tensor:
         adv = adv.detach().requires_grad_(True)
+        if self.autocast is None and torch.is_grad_enabled():  # exact mode, grad on: no context to enter
+            return self._grad(adv)
         # torch.autocast costs ~10 us to enter even when disabled: exact mode skips it.
         mixed = torch.autocast(adv.device.type, self.autocast) if self.autocast is not None else contextlib.nullcontext()
         with torch.enable_grad(), mixed:
-            logits = self.logits(adv)
-            logits_ = logits.float() if self.autocast is not None else logits
-            if self._batch is None:
-                cost = nn.functional.cross_entropy(logits_, self.labels, reduction=self.reduction)
-            else:  # the full batch's 1/N scale, so each sample's gradient is as if none had left
-                cost = nn.functional.cross_entropy(logits_, self.labels, reduction="sum") / self._batch
-            if self.targeted:
-                cost = -cost
-            self.last_logits = logits.detach()
-            return torch.autograd.grad(cost, adv)[0]
+            return self._grad(adv)
+
+    def _grad(self, adv):
+        logits = self.logits(adv)
+        logits_ = logits.float() if self.autocast is not None else logits
+        if self._batch is None:
+            cost = nn.functional.cross_entropy(logits_, self.labels, reduction=self.reduction)
+        else:  # the full batch's 1/N scale, so each sample's gradient is as if none had left
+            cost = nn.functional.cross_entropy(logits_, self.labels, reduction="sum") / self._batch
+        if self.targeted:
+            cost = -cost
+        self.last_logits = logits.detach()
+        return torch.autograd.grad(cost, adv)[0]
 
     def succeeded(self) -> torch.Tensor:
         """Per sample: did the last evaluated point fool the model (reach the target)?"""
