@@ -194,7 +194,7 @@ class CrossEntropyGradient:
         self.targeted = targeted
         self.autocast = autocast_dtype(precision)
         self.reduction = "mean" if self.autocast is None else "sum"
-        self.last_logits = None
+        self._logits = None
         self._checked = False
         self._batch = None  # set once early stopping drops samples: the original batch size
 
@@ -225,8 +225,12 @@ class CrossEntropyGradient:
             cost = nn.functional.cross_entropy(logits_, self.labels, reduction="sum") / self._batch
         if self.targeted:
             cost = -cost
-        self.last_logits = logits.detach()
+        self._logits = logits  # detached only when read: most runs never read it
         return torch.autograd.grad(cost, adv)[0]
+
+    @property
+    def last_logits(self):
+        return None if self._logits is None else self._logits.detach()
 
     def succeeded(self) -> torch.Tensor:
         """Per sample: did the last evaluated point fool the model (reach the target)?"""
