@@ -197,13 +197,16 @@ class CrossEntropyGradient:
         self._logits = None
         self._checked = False
         self._batch = None  # set once early stopping drops samples: the original batch size
+        self._static = False  # labels are a captured step's static buffer (use_graph_inputs)
 
     def logits(self, adv: torch.Tensor) -> torch.Tensor:
         out = self.forward(adv)
         if not self._checked:
             check_logits(out, self.labels, defer=True)
-            if validation.deferred_open():
-                self.labels = self.labels.clamp(0, out.shape[1] - 1)
+            self.n_classes = out.shape[1]
+            if validation.deferred_open():  # a captured step's labels are its static buffer: clamped in place
+                self.labels = self.labels.clamp_(0, self.n_classes - 1) if self._static else \
+                    self.labels.clamp(0, self.n_classes - 1)
             self._checked = True
         return out
 
@@ -227,6 +230,25 @@ class CrossEntropyGradient:
             cost = -cost
         self._logits = logits  # detached only when read: most runs never read it
         return torch.autograd.grad(cost, adv)[0]
+
+    # -- a captured step kept across calls (fastadv.graphs, loop._run_graph) --
+
+    def graph_key(self) -> tuple:
+        """What a captured step of this gradient bakes in besides its inputs."""
+        return type(self), self.targeted, self.reduction, self._batch, self.autocast
+
+    def graph_inputs(self, like=None) -> dict:
+        """The tensors a captured step reads that change per call: the labels; with like (the
+        gradient of a later call), like's labels, range-checked against the classes this one
+        has seen (deferred within an attack call) and clamped as in the first step."""
+        if like is None:
+            return {"labels": self.labels}
+        labels = like.labels
+        validation.check_label_range(labels, self.n_classes, defer=True)
+        return {"labels": labels.clamp(0, self.n_classes - 1) if validation.deferred_open() else labels}
+
+    def use_graph_inputs(self, static: dict) -> None:
+        self.labels, self._static = static["labels"], True
 
     @property
     def last_logits(self):
