@@ -209,9 +209,18 @@ def _mark_uncapturable(owner, reason):
 def cached(owner, key):
     """The Replayable kept for (owner, key), if the owner's state still matches its capture;
     None otherwise (then ``capture``). Load it with ``load`` before replaying."""
-    if key is None or not capturable(owner):
+    if key is None or not capturable(owner) or not _weakable(owner):
         return None
     return cache.get(owner, key, model_state(owner))
+
+
+def _weakable(owner) -> bool:
+    try:
+        weakref.ref(owner)
+        hash(owner)
+    except TypeError:
+        return False
+    return True
 
 
 def capture(owner, key, make_step, inputs: dict, counters=(), context=None):
@@ -245,7 +254,7 @@ def capture(owner, key, make_step, inputs: dict, counters=(), context=None):
     finally:
         _undo_counts(counters, marks)  # a capture records a step; it runs none
     entry = Replayable(graph, static, state, calls, context=context)
-    if key is not None:
+    if key is not None and _weakable(owner):
         cache.put(owner, key, entry)
     return entry
 
