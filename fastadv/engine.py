@@ -148,11 +148,13 @@ def model_guard(model, *, model_training=False, batchnorm_training=False, dropou
     if not isinstance(model, nn.Module):
         yield
         return
-    modes, trainable = [], []
+    modes, trainable = [], {}
     for m in model.modules():  # one walk: parameters() would walk the modules again
         modes.append((m, m.training))
-        trainable += [p for p in m._parameters.values() if p is not None and p.requires_grad]
-    trainable = list(dict.fromkeys(trainable))  # a parameter shared by two modules is restored once
+        for p in m._parameters.values():
+            if p is not None and p.requires_grad:
+                trainable[id(p)] = p  # a parameter shared by two modules is restored once
+    trainable = trainable.values()
     try:
         if model_training:
             model.train()

@@ -111,6 +111,8 @@ class Deferred:
         """Read every queued value and extra (0-d tensors) in one host sync per device, run
         the queued tests in order (the first failure raises), and return extra's values."""
         pending, self._pending = self._pending, []
+        if not pending and not extra:
+            return []
         values = [v for vs, _ in pending for v in vs] + list(extra)
         host = read_scalars(values)
         at = 0
