@@ -23,7 +23,7 @@ variant runs the same model in the same state:
 - the floor: ``steps`` input-gradient evaluations written as torchattacks writes a step
   (the parameters as the caller left them, a fresh leaf per step, nn.CrossEntropyLoss), minus
   the update. ``floor, frozen parameters`` is the same with requires_grad off (what fastadv
-  does) and ``floor, bench_attacks`` the old code, so a GPU run shows which made the difference.
+  does) and ``floor, before`` the old code, so a GPU run shows which made the difference.
 
 Rows (each answers a goal of the GPU run): PGD-10 exact on ResNet-18 b256 and the small CNN
 b1024 (fastadv >= torchattacks; floor at or below both); the launch-bound row, the small CNN
@@ -89,37 +89,18 @@ def fixed_settings(deterministic=False):
 # -- the variants ------------------------------------------------------------------------------
 
 
-def floor(model, x, y, steps):
+def floor(model, x, y, steps, frozen=False):
     """steps input-gradient evaluations as torchattacks makes them, without the update."""
-    loss = nn.CrossEntropyLoss()
+    from .bench_attacks import floor_call
 
-    def run():
-        for _ in range(steps):
-            adv = x.clone()
-            adv.requires_grad = True
-            torch.autograd.grad(loss(model(adv), y), adv, retain_graph=False, create_graph=False)
-    return run
-
-
-def frozen(fn, model):
-    """fn with the parameters' requires_grad off meanwhile (as fastadv runs the model)."""
-    def run():
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
-            return fn()
-        finally:
-            for p, f in flags:
-                p.requires_grad_(f)
-    return run
+    return floor_call(model, x, y, grads=steps, forwards=None, mode_kw={}, device=x.device, frozen=frozen)
 
 
 def attack_variants(model, x, y, steps, backend, graph):
     import torchattacks
 
     import fastadv
-    from .bench_attacks import floor_call
+    from .bench_attacks import floor_call_before
 
     fa = fastadv.PGD(model, eps=EPS, alpha=ALPHA, steps=steps, backend=backend)
     ta = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=steps)
@@ -128,8 +109,8 @@ def attack_variants(model, x, y, steps, backend, graph):
         fg = fastadv.PGD(model, eps=EPS, alpha=ALPHA, steps=steps, backend=backend, cuda_graph=True)
         variants["fastadv, replayed graph"] = lambda: fg(x, y)
     variants["floor"] = floor(model, x, y, steps)
-    variants["floor, frozen parameters"] = frozen(floor(model, x, y, steps), model)
-    variants["floor, bench_attacks"] = floor_call(model, x, y, grads=steps, forwards=None, mode_kw={}, device=x.device)
+    variants["floor, frozen parameters"] = floor(model, x, y, steps, frozen=True)
+    variants["floor, before"] = floor_call_before(model, x, y, grads=steps, forwards=None, mode_kw={}, device=x.device)
     return variants
 
 
@@ -368,6 +349,8 @@ def main(argv=None):
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: run with --dry-run on the CPU")
+    if args.dry_run:
+        torch.set_num_threads(1)  # OpenMP threads spin-waiting on a shared CPU would swamp the tiny rows
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # for the deterministic equality check
     rows, profiles = run(DRY if args.dry_run else GPU, device, log=lambda m: print(m, file=sys.stderr))
     stem = pathlib.Path(args.results) / f"{results.device_slug(device)}-fair"
