@@ -123,18 +123,20 @@ class Deferred:
 
 
 def read_scalars(values) -> list:
-    """0-d tensors as Python floats, read in one transfer per device."""
-    by_device = {}
+    """0-d tensors as Python floats: one transfer per accelerator (the values cast to float64
+    to share it); in host memory, where a read waits for nothing, one per dtype (no casts)."""
+    from fastadv.backend import KERNEL_DEVICE
+
+    groups = {}
     for i, v in enumerate(values):
-        by_device.setdefault(v.device, []).append(i)
-    host = [None] * len(values)
-    for rows in by_device.values():
+        groups.setdefault((v.device, None if v.device.type == KERNEL_DEVICE else v.dtype), []).append(i)
+    host = [0.0] * len(values)
+    for (_, dtype), rows in groups.items():
         same = [values[i] for i in rows]
-        if len({v.dtype for v in same}) > 1:
+        if dtype is None and len({v.dtype for v in same}) > 1:
             same = [v.to(torch.float64) for v in same]
-        read = torch.stack(same).tolist() if len(same) > 1 else [same[0].item()]
-        for i, h in zip(rows, read):
-            host[i] = float(h)
+        for i, h in zip(rows, torch.stack(same).tolist() if len(same) > 1 else [same[0].item()]):
+            host[i] = h
     return host
 
 
