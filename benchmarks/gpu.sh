@@ -9,7 +9,11 @@
 #
 # parts: quick    the gpu-marked tests, then benchmarks/quick.py: the steps at 256x3x224x224 vs copy,
 #                 PGD-10 ResNet-18 b256 (floor, torchattacks), small CNN b1024, fast mode ResNet-18 b512,
-#                 AutoAttack on the robust ResNet-18 vs pyautoattack; results in <device-slug>-quick.*
+#                 AutoAttack on the robust ResNet-18 vs pyautoattack; results in <device-slug>-quick.*; then
+#                 benchmarks/fair.py: floor, fastadv (eager and replayed graph) and torchattacks under one set of
+#                 settings, 21 interleaved CUDA-event samples each: PGD-10 ResNet-18 b256 and small CNN b1024,
+#                 the launch-bound loop (small CNN b32, 20 calls), one PGD-10 AT epoch of ResNet-18 (fit vs the
+#                 torchattacks loop), kernel tables per step; results in <device-slug>-fair.*
 #        tests    the gpu-marked tests and the GPU pytest-benchmark suite
 #        kernels  fused step ops vs the eager chain and a copy, 3 shapes, fp32 + bf16
 #        small    every attack (AutoAttack too, DeepFool not) on the small CNN and the linear model,
@@ -53,12 +57,14 @@ setup() {
 part() {
     case "$1" in
         quick)   if [ "$DRY_RUN" = 1 ]; then
-                     "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py  # collects, skips without CUDA
+                     "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_graphs.py  # skip without CUDA
                      "$PY" -m benchmarks.quick --dry-run --results "${FASTADV_QUICK_RESULTS:-benchmarks/results}"
+                     "$PY" -m benchmarks.fair --dry-run --results "${FASTADV_QUICK_RESULTS:-benchmarks/results}"
                  else
                      "$PY" -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors tests ||
                          { echo "gpu.sh quick: gpu tests FAILED; the benchmarks run anyway" >&2; FAILED=1; }
                      "$PY" -m benchmarks.quick --results "${FASTADV_QUICK_RESULTS:-benchmarks/results}"
+                     "$PY" -m benchmarks.fair --results "${FASTADV_QUICK_RESULTS:-benchmarks/results}"
                  fi ;;
         tests)   "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
                  "$PY" -m pytest -q -p no:cacheprovider -m gpu benchmarks/test_bench_cpu.py --benchmark-enable ;;

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from fastadv import saving, validation
+from fastadv import backend, saving, validation
 from fastadv.engine import EngineOptions, finite_or_clean, model_device, model_guard
 from fastadv.loop import chunked
 
@@ -300,6 +300,12 @@ class Attack:
         return self.to_type(adv, "int") if self._return_type == "int" else adv
 
     def _call(self, inputs, labels=None, *args, **kwargs):
+        # The data checks of the whole call are read in one host sync at its end, and the
+        # backend's environment variable once (not on every step).
+        with validation.deferred(), backend.pinned():
+            return self._checked_call(inputs, labels, *args, **kwargs)
+
+    def _checked_call(self, inputs, labels, *args, **kwargs):
         # Normalized inputs are range-checked after inverse normalization, below.
         validation.check_images(inputs, check_range=self._normalization_applied is not True)
         if labels is not None or self._needs_labels():
@@ -314,11 +320,8 @@ class Attack:
             return inputs.detach().clone().to(self._attack_device(inputs))
 
         def run(x):
-            index = torch.arange(x.shape[0])
-            adv = chunked(
-                lambda xc, idx: self.forward(xc, labels[idx] if labels is not None else None, *args, **kwargs),
-                x, index, None if self.runs_on_slots else self.engine.batch_size,
-            )
+            adv = chunked(lambda xc, yc: self.forward(xc, yc, *args, **kwargs), x, labels,
+                          None if self.runs_on_slots else self.engine.batch_size)
             return finite_or_clean(adv, x.to(adv.device)) if isinstance(adv, torch.Tensor) else adv
 
         with guard:

@@ -8,6 +8,7 @@
 - ``interpret``: the Triton kernels through Triton's CPU interpreter (CPU tensors);
                  slow, for testing the real kernel code without a GPU
 """
+import contextlib
 import os
 
 import torch
@@ -16,11 +17,32 @@ BACKENDS = ("auto", "triton", "torch", "interpret")
 KERNEL_DEVICE = "cuda"  # the device type the compiled kernels run on (the sync-count tests set "cpu")
 
 
+_pinned = None  # FASTADV_BACKEND as read once for the call in progress (see pinned)
+
+
 def default_backend() -> str:
+    if _pinned is not None:
+        return _pinned
     name = os.environ.get("FASTADV_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"FASTADV_BACKEND={name!r}: expected one of {BACKENDS}")
     return name
+
+
+@contextlib.contextmanager
+def pinned():
+    """Read FASTADV_BACKEND once for a whole call: the step ops resolve their backend on every
+    step, and an environment read there is host time on every GPU step. Re-entrant: a nested
+    call keeps the outer call's reading."""
+    global _pinned
+    if _pinned is not None:
+        yield
+        return
+    _pinned = default_backend()
+    try:
+        yield
+    finally:
+        _pinned = None
 
 
 def resolve(backend, device: torch.device) -> str:

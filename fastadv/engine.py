@@ -2,6 +2,7 @@
 import contextlib
 import copy
 import dataclasses
+import math
 import warnings
 
 import torch
@@ -194,8 +195,13 @@ def model_guard(model, *, model_training=False, batchnorm_training=False, dropou
     if not isinstance(model, nn.Module):
         yield
         return
-    modes = [(m, m.training) for m in model.modules()]
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    modes, trainable = [], {}
+    for m in model.modules():  # one walk: parameters() would walk the modules again
+        modes.append((m, m.training))
+        for p in m._parameters.values():
+            if p is not None and p.requires_grad:
+                trainable[id(p)] = p  # a parameter shared by two modules is restored once
+    trainable = trainable.values()
     try:
         if model_training:
             model.train()
@@ -220,7 +226,10 @@ class CrossEntropyGradient:
     """grad of CE(forward(adv), labels) w.r.t. adv; of -CE towards the labels when targeted.
 
     Mirrors the reference: mean-reduced cross-entropy, `torch.autograd.grad` on the
-    input only. The first call checks the model's output shape and the label range.
+    input only. The first call checks the model's output shape and the label range; inside
+    an attack call (validation.deferred) the range is read with the call's other checks at
+    its end, and meanwhile the loss takes the labels clamped into range (the same labels
+    when they are valid), so a bad label cannot fail on the device before its clear error.
     The logits of the last call stay in ``last_logits`` (for early stopping).
 
     precision ('bf16' or 'fp16', fast mode) runs forward and backward under autocast;
@@ -229,40 +238,81 @@ class CrossEntropyGradient:
     samples whatever the rows' count (fixed-shape slots keep one scale).
     """
 
-    def __init__(self, forward, labels: torch.Tensor, targeted: bool = False, precision=None, scale=None):
+    def __init__(self, forward, labels: torch.Tensor, targeted: bool = False, precision=None, scale=None,
+                 static=False):
         self.forward = forward
         self.labels = labels
         self.targeted = targeted
         self.autocast = autocast_dtype(precision)
         self.reduction = "mean" if self.autocast is None else "sum"
-        self.last_logits = None
+        self._logits = None
         self._checked = False
         # the mean's batch size when it is not the rows' count: set once early stopping drops
         # samples, or given as scale (slots: the loss of a batch of `scale` samples)
         self._batch = float(scale) if scale is not None and self.reduction == "mean" else None
+        # labels is a buffer that others refill in place (a captured step's, or the slots'): keep
+        # this tensor, so the first call's clamp happens in it
+        self._static = static
+        self._source = None  # the whole batch's labels when this gradient runs on slots (on_slots)
 
     def logits(self, adv: torch.Tensor) -> torch.Tensor:
         out = self.forward(adv)
         if not self._checked:
-            check_logits(out, self.labels)
+            check_logits(out, self.labels, defer=True)
+            self.n_classes = out.shape[1]
+            if self._source is not None:  # on slots: the whole batch's labels, which refills bring in
+                validation.check_label_range(self._source, self.n_classes, defer=True)
+            if validation.deferred_open():  # a static buffer (a captured step's, the slots') is clamped in place
+                if self._source is not None:
+                    self._source.clamp_(0, self.n_classes - 1)  # the attack's own copy, read by the refills
+                self.labels = self.labels.clamp_(0, self.n_classes - 1) if self._static else \
+                    self.labels.clamp(0, self.n_classes - 1)
             self._checked = True
         return out
 
     def __call__(self, adv: torch.Tensor) -> torch.Tensor:
         adv = adv.detach().requires_grad_(True)
+        if self.autocast is None and torch.is_grad_enabled():  # exact mode, grad on: no context to enter
+            return self._grad(adv)
         # torch.autocast costs ~10 us to enter even when disabled: exact mode skips it.
         mixed = torch.autocast(adv.device.type, self.autocast) if self.autocast is not None else contextlib.nullcontext()
         with torch.enable_grad(), mixed:
-            logits = self.logits(adv)
-            logits_ = logits.float() if self.autocast is not None else logits
-            if self._batch is None:
-                cost = nn.functional.cross_entropy(logits_, self.labels, reduction=self.reduction)
-            else:  # the full batch's 1/N scale, so each sample's gradient is as if none had left
-                cost = nn.functional.cross_entropy(logits_, self.labels, reduction="sum") / self._batch
-            if self.targeted:
-                cost = -cost
-            self.last_logits = logits.detach()
-            return torch.autograd.grad(cost, adv)[0]
+            return self._grad(adv)
+
+    def _grad(self, adv):
+        logits = self.logits(adv)
+        logits_ = logits.float() if self.autocast is not None else logits
+        if self._batch is None:
+            cost = nn.functional.cross_entropy(logits_, self.labels, reduction=self.reduction)
+        else:  # the full batch's 1/N scale, so each sample's gradient is as if none had left
+            cost = nn.functional.cross_entropy(logits_, self.labels, reduction="sum") / self._batch
+        if self.targeted:
+            cost = -cost
+        self._logits = logits  # detached only when read: most runs never read it
+        return torch.autograd.grad(cost, adv)[0]
+
+    # -- a captured step kept across calls (fastadv.graphs, loop._run_graph) --
+
+    def graph_key(self) -> tuple:
+        """What a captured step of this gradient bakes in besides its inputs."""
+        return type(self), self.targeted, self.reduction, self._batch, self.autocast
+
+    def graph_inputs(self, like=None) -> dict:
+        """The tensors a captured step reads that change per call: the labels; with like (the
+        gradient of a later call), like's labels, range-checked against the classes this one
+        has seen (deferred within an attack call) and clamped as in the first step."""
+        if like is None:
+            return {"labels": self.labels}
+        labels = like.labels
+        validation.check_label_range(labels, self.n_classes, defer=True)
+        return {"labels": labels.clamp(0, self.n_classes - 1) if validation.deferred_open() else labels}
+
+    def use_graph_inputs(self, static: dict) -> None:
+        self.labels, self._static = static["labels"], True
+
+    @property
+    def last_logits(self):
+        return None if self._logits is None else self._logits.detach()
 
     def succeeded(self) -> torch.Tensor:
         """Per sample: did the last evaluated point fool the model (reach the target)?"""
@@ -276,19 +326,21 @@ class CrossEntropyGradient:
     def on_slots(self, buffers: dict) -> "CrossEntropyGradient":
         """This gradient on slot buffers: labels read from buffers['labels'] at every call, and
         the loss keeps this batch's reduction scale (1/N of its mean) whatever the slot count, so
-        each sample's gradient is the one it gets in the whole batch."""
+        each sample's gradient is the one it gets in the whole batch. The whole batch's labels
+        are range-checked with the first call (and clamped in place, as the first step clamps,
+        before the slots load them)."""
         slotted = copy.copy(self)
-        slotted.labels = buffers["labels"]
+        slotted.labels, slotted._static, slotted._source = buffers["labels"], True, self.labels
         slotted._checked = False
         if self.reduction == "mean":
             slotted._batch = float(self.labels.shape[0]) if self._batch is None else self._batch
         return slotted
 
-    def keep(self, mask: torch.Tensor) -> None:
-        """Drop the samples where mask is False (early stopping)."""
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these samples (a bool mask, or the indices of the rows kept; early stopping)."""
         if self._batch is None and self.reduction == "mean":
-            self._batch = float(mask.shape[0])
-        self.labels = self.labels[mask]
+            self._batch = float(self.labels.shape[0])
+        self.labels = self.labels[rows]
 
 
 def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy_images=True, slots=False, **kwargs):
@@ -302,9 +354,14 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy
     batch_size chunks the run (per-sample budgets are chunked alongside), unless slots: the
     core then takes batch_size itself (fixed-shape slots, fastadv.slots).
     """
+    engine = engine if isinstance(engine, EngineOptions) else EngineOptions(**(engine or {}))
+    with validation.deferred(), backend.pinned():
+        return _run_functional(core, model, images, labels, budgets, engine, copy_images, kwargs)
+
+
+def _run_functional(core, model, images, labels, budgets, engine, copy_images, kwargs):
     from fastadv.loop import chunked
 
-    engine = engine if isinstance(engine, EngineOptions) else EngineOptions(**(engine or {}))
     validation.check_images(images)
     validation.check_labels(labels, images.shape[0])
     n = images.shape[0]
@@ -317,14 +374,18 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy
         return x
     y = labels.detach().to(device, copy=True)
     per_sample = {k for k in budgets if isinstance(kwargs[k], torch.Tensor)}
-    index = torch.arange(n, device=device)
 
     def run_chunk(xc, idx):
         chunk_kwargs = {k: (v[idx] if k in per_sample else v) for k, v in kwargs.items()}
         return core(model, xc, y[idx], engine=engine, **chunk_kwargs)
 
     with model_guard(model):
-        return finite_or_clean(chunked(run_chunk, x, index, None if slots else engine.batch_size), x)
+        if slots:  # the core takes batch_size itself (fixed-shape slots)
+            return finite_or_clean(core(model, x, y, engine=engine, **kwargs), x)
+        if per_sample:  # [N] budgets are chunked with the samples: chunk the row indices
+            return finite_or_clean(chunked(run_chunk, x, torch.arange(n, device=device), engine.batch_size), x)
+        return finite_or_clean(chunked(lambda xc, yc: core(model, xc, yc, engine=engine, **kwargs), x, y,
+                                       engine.batch_size), x)
 
 
 def finite_or_clean(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -332,11 +393,14 @@ def finite_or_clean(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
     Degenerate gradients (a dead network, inf logits) make some reference arithmetic
     produce NaN (APGD-L2, CW, DeepFool); an attack that failed that way returns the
-    clean image instead. One pass per call, never per step; finite results are untouched.
+    clean image instead. One read pass per call, never per step: a finite sum means every
+    entry is finite (an overflow takes the exact path), and the sum is read in the call's
+    one host read of its edge checks (validation.deferred); finite results are untouched.
     """
     if adv.shape != x.shape or adv.numel() == 0:
         return adv
-    if adv.device.type == "cpu" and torch.isfinite(adv.sum()):
-        return adv  # a finite sum means every entry is finite: one read pass, no copy (an overflow takes the exact path)
+    (total,) = validation.read_with_checks(adv.sum())
+    if math.isfinite(total):
+        return adv
     bad = ~torch.isfinite(adv).reshape(adv.shape[0], -1).all(1)
     return torch.where(bad.reshape(-1, *([1] * (adv.dim() - 1))), x.to(adv.dtype), adv)

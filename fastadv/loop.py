@@ -5,28 +5,24 @@ never changes the arithmetic of a step:
 
 - eager: the plain loop (the CPU path, and the fallback);
 - CUDA graph: one step (forward, loss, input-gradient backward, fused update) is
-  captured once and replayed, removing Python and launch overhead; used on CUDA for
-  the Triton backend. A model that cannot be captured falls back to eager with a
+  captured once and replayed, removing Python and launch overhead; the capture is kept
+  and replayed by later calls of the same shape and settings on the same model
+  (fastadv.graphs). A model that cannot be captured falls back to eager with a
   one-line warning;
 - early stop: after each gradient evaluation the samples that already fool the
-  model leave the batch (one host sync per step); each keeps the first iterate
-  that fooled it.
+  model leave the batch (one host sync per step: how many left; the rows are then
+  moved by index, without reading them); each keeps the first iterate that fooled it.
 - the cycle exit runs on fixed-shape slots (fastadv.slots), not here.
 """
 import warnings
 
 import torch
 
-from fastadv import backend, calls
+from fastadv import backend, calls, graphs
 
-# Models (by id) whose capture failed once: not tried again in this process.
-_uncapturable = set()
-
-
-def keep_rows(tensors: dict, mask: torch.Tensor) -> dict:
-    """Index every per-sample tensor (first dim = batch) of a dict by mask."""
-    n = mask.shape[0]
-    return {k: (v[mask] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v) for k, v in tensors.items()}
+def keep_rows(tensors: dict, rows: torch.Tensor, n: int) -> dict:
+    """Index every per-sample tensor (first dim = n, the batch) of a dict by rows (indices or a mask)."""
+    return {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v) for k, v in tensors.items()}
 
 
 def run(update, grad, adv, steps, per_sample, *, early_stop=False, cuda_graph=False, model=None):
@@ -38,11 +34,9 @@ def run(update, grad, adv, steps, per_sample, *, early_stop=False, cuda_graph=Fa
     """
     if early_stop:
         return _run_early_stop(update, grad, adv, steps, per_sample)
-    if cuda_graph and steps >= 2 and adv.device.type == backend.KERNEL_DEVICE and id(model) not in _uncapturable:
+    if cuda_graph and steps >= 2 and adv.device.type == backend.KERNEL_DEVICE and graphs.capturable(graphs.owner_of(model)):
         return _run_graph(update, grad, adv, steps, per_sample, model)
-    for _ in range(steps):
-        adv = update(adv, grad(adv), **per_sample)
-    return adv
+    return _run_eager(update, grad, adv, steps, per_sample)
 
 
 def _run_early_stop(update, grad, adv, steps, per_sample):
@@ -51,13 +45,17 @@ def _run_early_stop(update, grad, adv, steps, per_sample):
     for _ in range(steps):
         g = grad(adv)
         fooled = grad.succeeded()
-        if fooled.any():  # the one host sync per step that early stopping costs
-            result[active[fooled]] = adv[fooled]
-            keep = ~fooled
+        n, left = fooled.shape[0], int(fooled.sum())  # the one host sync per step that early stopping costs
+        if left:
+            # the rows that stay first, then those that leave, each in batch order: index tensors
+            # of known length, so that no mask is read on the host again
+            order = torch.argsort(fooled.to(torch.uint8), stable=True)
+            keep, gone = order[:n - left], order[n - left:]
+            result.index_copy_(0, active[gone], adv[gone])
             active, adv, g = active[keep], adv[keep], g[keep]
-            per_sample = keep_rows(per_sample, keep)
+            per_sample = keep_rows(per_sample, keep, n)
             grad.keep(keep)
-            if active.numel() == 0:
+            if left == n:
                 return result
         adv = update(adv, g, **per_sample)
     result[active] = adv
@@ -65,49 +63,56 @@ def _run_early_stop(update, grad, adv, steps, per_sample):
 
 
 def _run_graph(update, grad, adv, steps, per_sample, model):
-    static = adv.clone()
+    """The steps as one captured step replayed, the capture kept across calls (fastadv.graphs)
+    when the gradient can refill its inputs (graph_inputs); the caller gets a copy of the result."""
+    owner = graphs.owner_of(model)
+    tensors = {k: v for k, v in per_sample.items() if isinstance(v, torch.Tensor)}
+    key = _graph_key(update, grad, adv, per_sample, model)
+    entry = graphs.cached(owner, key)
+    if entry is not None:
+        inputs = {"adv": adv, **tensors, **_prefixed(entry.context.graph_inputs(like=grad))}
+        entry.load(inputs).replay(steps)
+        return entry.static["adv"].clone()
 
-    def step():  # in place: the graph reads and writes the same buffer every replay
-        update(static, grad(static), out=static, **per_sample)
+    def make_step(static):
+        if key is not None:  # the captured gradient reads its inputs from the static buffers
+            grad.use_graph_inputs({k[len("grad."):]: v for k, v in static.items() if k.startswith("grad.")})
+        args = {k: static.get(k, v) for k, v in per_sample.items()}
+        iterate = static["adv"]
 
-    caller = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(caller)
-    with torch.cuda.stream(side):  # the first step runs eagerly: warms up cuDNN/Triton and checks the logits
-        step()
-    caller.wait_stream(side)
-    counters = calls.counters(model)
-    marks = [c.mark() for c in counters]
-    graph = torch.cuda.CUDAGraph()
+        def step():  # in place: the graph reads and writes the same buffers every replay
+            update(iterate, grad(iterate), out=iterate, **args)
+
+        return step
+
+    inputs = {"adv": adv, **tensors, **(_prefixed(grad.graph_inputs()) if key is not None else {})}
+    entry = graphs.capture(owner, key, make_step, inputs, calls.counters(owner), context=grad)
+    if entry is None:
+        return _run_eager(update, grad, adv, steps, per_sample)
+    entry.replay(steps - 1)  # the capture ran the first step
+    return entry.static["adv"] if key is None else entry.static["adv"].clone()
+
+
+def _graph_key(update, grad, adv, per_sample, model):
+    """Everything a capture of this loop's step bakes in (see fastadv.graphs), or None when
+    the gradient cannot refill its inputs or a part cannot be compared across calls."""
+    if not hasattr(grad, "graph_key"):
+        return None
     try:
-        with torch.cuda.graph(graph):
-            step()
-    except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
-        _recover_from_failed_capture(caller)
-        _uncapturable.add(id(model))
-        warnings.warn(f"fastadv: CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=3)
-        for counter, mark in zip(counters, marks):
-            counter.repeat_since(mark, -1)  # the capture recorded a step it never ran
-        torch.cuda.synchronize()
-        for _ in range(steps - 1):
-            static = update(static, grad(static), **per_sample)
-        return static
-    for counter, mark in zip(counters, marks):
-        counter.repeat_since(mark, steps - 2)  # counted once while recorded; runs steps - 1 times
-    for _ in range(steps - 1):
-        graph.replay()
-    return static
+        return (graphs.function_key(update), graphs.tensor_key(adv), grad.graph_key(), graphs.forward_key(model),
+                tuple((k, graphs.value_key(v)) for k, v in sorted(per_sample.items())), backend.KERNEL_DEVICE)
+    except graphs.Uncacheable:
+        return None
 
 
-def _recover_from_failed_capture(caller):
-    """Undo what a failed capture leaves behind in torch (seen with torch 2.11 on an H200):
-    torch.cuda.graph's exit raises before it restores the caller's stream, and the device's
-    default generator still believes it is capturing, so the next CUDA random draw raises
-    'Offset increment outside graph capture'. A clone of the generator's state (same seed
-    and offset, not capturing) replaces it."""
-    torch.cuda.set_stream(caller)
-    gen = torch.cuda.default_generators[caller.device.index]
-    gen.graphsafe_set_state(gen.clone_state())
+def _prefixed(inputs: dict) -> dict:
+    return {f"grad.{k}": v for k, v in inputs.items()}
+
+
+def _run_eager(update, grad, adv, steps, per_sample):
+    for _ in range(steps):
+        adv = update(adv, grad(adv), **per_sample)
+    return adv
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -119,7 +124,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def chunked(fn, x, y, batch_size):
-    """fn(x[i:j], y[i:j]) over chunks of at most batch_size, concatenated.
+    """fn(x[i:j], y[i:j]) over chunks of at most batch_size, concatenated (y may be None).
 
     When an allocation fails (CUDA or CPU out of memory) the chunk is halved and
     retried from the same RNG state, so a large evaluation finishes rather than
@@ -131,10 +136,15 @@ def chunked(fn, x, y, batch_size):
         return _retry_on_oom(fn, x, y, n)
     outs, start = [], 0
     while start < n:
-        out, size = _retry_on_oom(fn, x[start:start + size], y[start:start + size], size, return_size=True)
+        out, size = _retry_on_oom(fn, x[start:start + size], _rows(y, start, start + size), size, return_size=True)
         outs.append(out)
         start += out.shape[0]
     return torch.cat(outs)
+
+
+def _rows(t, start, stop):
+    """t[start:stop]; t itself when that is all of it (a slice is a dispatched op), None for None."""
+    return t if t is None or (start == 0 and stop >= t.shape[0]) else t[start:stop]
 
 
 def _retry_on_oom(fn, x, y, size, return_size=False):
@@ -147,7 +157,7 @@ def _retry_on_oom(fn, x, y, size, return_size=False):
     state = rng_state()
     while True:
         try:
-            out = fn(x[:size], y[:size])
+            out = fn(_rows(x, 0, size), _rows(y, 0, size))
             return (out, size) if return_size else _finish_rest(fn, x, y, out, size)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if size == 1 or not is_out_of_memory(exc):
@@ -162,4 +172,4 @@ def _retry_on_oom(fn, x, y, size, return_size=False):
 def _finish_rest(fn, x, y, first, size):
     if size >= x.shape[0]:
         return first
-    return torch.cat([first, chunked(fn, x[size:], y[size:], size)])
+    return torch.cat([first, chunked(fn, x[size:], None if y is None else y[size:], size)])

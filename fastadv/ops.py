@@ -5,6 +5,7 @@ the next iterate; inputs are never modified. ``eps`` is a float or an [N] tensor
 """
 import torch
 
+from fastadv import backend as backend_module
 from fastadv import inplace, reference
 from fastadv.backend import kernels, resolve
 
@@ -12,8 +13,16 @@ from fastadv.backend import kernels, resolve
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_resolved = {}  # (backend, pinned default, device type, kernel device) -> name: resolved once, used every step
+
+
 def _impl(backend, like: torch.Tensor):
-    name = resolve(backend, like.device)
+    key = (backend, backend_module._pinned, like.device.type, backend_module.KERNEL_DEVICE)
+    name = _resolved.get(key)
+    if name is None:
+        name = resolve(backend, like.device)
+        if backend is not None or key[1] is not None:  # else the environment decides, read every time
+            _resolved[key] = name
     if name == "torch" or like.dtype not in KERNEL_DTYPES:
         return reference
     return kernels(name)

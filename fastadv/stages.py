@@ -76,7 +76,7 @@ def pgd_stage(name, eps, steps, alpha):
             size=size, steps=steps, update=update, result="flags", cycle_exit=exits and steps >= CYCLE_MIN_STEPS,
             fooled_exit=exits,
             prepare=prepare,
-            make_grad=lambda bufs: CrossEntropyGradient(forward, bufs["y"], scale=size),
+            make_grad=lambda bufs: CrossEntropyGradient(forward, bufs["y"], scale=size, static=True),
         )
 
     return Stage(name, name, "Linf", program=program, seed=unit_seed)

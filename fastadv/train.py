@@ -90,11 +90,13 @@ def autocast(device: torch.device, amp=None):
 
 # -- crafting the training examples ------------------------------------------------------
 
-def pgd_examples(model, x, y, *, eps, alpha, steps, random_start=True, bn_training=False, amp=None, backend=None):
-    """Linf PGD examples for PGD-AT (fastadv's PGD loop; amp is the engine's precision)."""
+def pgd_examples(model, x, y, *, eps, alpha, steps, random_start=True, bn_training=False, amp=None, backend=None,
+                 cuda_graph=False):
+    """Linf PGD examples for PGD-AT (fastadv's PGD loop; amp is the engine's precision;
+    cuda_graph: one captured step replayed on every batch, see fastadv.graphs)."""
     with crafting(model, bn_training=bn_training) as net:
         return pgd_loop(net, x.detach(), y, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                        backend=backend, engine=EngineOptions(precision=amp))
+                        backend=backend, engine=EngineOptions(precision=amp, cuda_graph=cuda_graph))
 
 
 def fgsm_rs_examples(model, x, y, *, eps, alpha=None, bn_training=False, amp=None, backend=None):
@@ -121,7 +123,10 @@ class TrainConfig:
 
     alpha defaults: pgd and trades 2.5 * eps / steps (Madry et al.), fgsm-rs
     1.25 * eps (Wong et al.), free eps (Shafahi et al.). steps is the attack's
-    iterations for pgd and trades; replays is Free AT's m.
+    iterations for pgd and trades; replays is Free AT's m. cuda_graph (pgd on CUDA with the
+    Triton kernels): the attack step is captured once and replayed on every batch, the
+    last smaller batch on a graph of its own (fastadv.graphs); the same numbers, so it is
+    not part of a run's identity (a run may resume with it on or off).
     """
 
     method: str = "pgd"
@@ -134,6 +139,7 @@ class TrainConfig:
     bn_training: bool = False
     amp: str = None
     backend: str = None
+    cuda_graph: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -153,12 +159,16 @@ class TrainConfig:
         return {"fgsm-rs": 1.25 * self.eps, "free": self.eps}.get(self.method, 2.5 * self.eps / self.steps)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "step_size": self.step_size}
+        d = {**asdict(self), "step_size": self.step_size}
+        d.pop("cuda_graph")  # how the attack runs, not what it computes
+        return d
 
 
 def craft(model, x, y, cfg: TrainConfig):
     """The training examples for cfg.method (x itself for plain), without parameter gradients."""
     kw = dict(eps=cfg.eps, bn_training=cfg.bn_training, amp=cfg.amp, backend=cfg.backend)
+    if cfg.method == "pgd":
+        kw["cuda_graph"] = cfg.cuda_graph
     if cfg.method == "pgd":
         return pgd_examples(model, x, y, alpha=cfg.step_size, steps=cfg.steps, random_start=cfg.random_start, **kw)
     if cfg.method == "fgsm-rs":

@@ -45,11 +45,13 @@ class Launchers:
         self._modules = modules
         self._interpret = interpret
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # the first look-up only: the launcher is then an attribute
         for module in self._modules:
             fn = module.__dict__.get(name)
             if callable(fn) and not name.startswith("_"):
-                return self._wrap(fn) if self._interpret else fn
+                fn = self._wrap(fn) if self._interpret else fn
+                setattr(self, name, fn)
+                return fn
         raise AttributeError(f"no kernel launcher named {name!r} in {MODULES}")
 
     @staticmethod

@@ -1,4 +1,5 @@
 """Host-side helpers for the kernel launchers: layouts, block sizes, budgets."""
+import functools
 import math
 import struct
 
@@ -48,9 +49,11 @@ def dense_like(ref: torch.Tensor, *others: torch.Tensor):
     fmt = torch.contiguous_format
     if ref.dim() == 4 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last):
         fmt = torch.channels_last
-    return [t.contiguous(memory_format=fmt) for t in (ref, *others)]
+    # is_contiguous is a flag read; contiguous() is a dispatched op even when it returns t itself
+    return [t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt) for t in (ref, *others)]
 
 
+@functools.lru_cache(maxsize=256)  # a run converts the same few budgets on every launch
 def fp32(value) -> float:
     """A Python float rounded to fp32 (nearest, ties to even; inf past fp32's range), as
     PyTorch and compiled Triton pass scalars. (The interpreter would type a float that fp32

@@ -22,6 +22,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def deterministic_cuda():
+    """Deterministic algorithms, deterministic cuDNN and no TF32, for a CUDA test that compares
+    bits; every global setting it changes is restored after, so no later test relies on it."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = saved[2:]
+
+
 @pytest.fixture(scope="session")
 def digits():
     """((x_train, y_train), (x_test, y_test)) of scikit-learn's digits in [0, 1]."""

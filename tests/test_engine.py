@@ -132,7 +132,7 @@ def test_graph_capture_is_off_on_cpu(trained_models, batch):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_equals_eager_and_falls_back():
+def test_cuda_graph_equals_eager_and_falls_back(deterministic_cuda):
     from fastadv.models import SmallCNN
 
     model = SmallCNN().cuda().eval()

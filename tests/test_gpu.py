@@ -51,14 +51,11 @@ def test_int64_indexing_at_full_scale():
     assert out[0].unique().item() == 0.625 and out[-1].unique().item() == 0.375
 
 
-def test_attacks_match_torchattacks_on_cuda():
+def test_attacks_match_torchattacks_on_cuda(deterministic_cuda):
     torchattacks = pytest.importorskip("torchattacks")
     import fastadv
     from fastadv.models import SmallCNN
 
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     model = SmallCNN().cuda().eval()
     x = torch.rand(256, 1, 8, 8, device="cuda")
     y = torch.randint(0, 10, (256,), device="cuda")

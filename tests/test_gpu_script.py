@@ -32,5 +32,12 @@ def test_gpu_quick_dry_run(tmp_path):
     assert 0 <= apgd["success_rate"] <= 1 and 0 <= apgd["reference_success_rate"] <= 1
     assert attacks[("PGD", "smallcnn-digits", "exact", "torchattacks")]["fastadv_floor_ratio"] > 0
     assert 0 <= attacks[("PGD", "smallcnn-digits", "fast", "torchattacks")]["exact_agreement"] <= 1
+    (fair,) = tmp_path.glob("*-fair.json")
+    fair_rows = {r["label"]: r for r in json.loads(fair.read_text())["rows"]}
+    assert set(fair_rows) == {"PGD-2 exact", "PGD-2 exact, launch-bound loop", "PGD-2 AT, one epoch"}
+    for r in fair_rows.values():
+        assert r["bit_exact"] is True, r["case"]  # fit's epoch and the attacks: the torchattacks bits
+        assert all(v["n"] >= 2 for v in r["variants"].values())
+    assert "## Kernels per step" in fair.with_suffix(".md").read_text()
     summary = proc.stdout[proc.stdout.index("== quick summary =="):]
     assert summary.count("\n") >= 7 and "in all (setup included)" in summary

@@ -5,8 +5,9 @@ for their PyTorch twins (``host_syncs.on_triton_path``), so the loop code is the
 CUDA path's line for line. The ops that would make the host wait for the device are
 counted at two step counts: an iterative attack's count must not grow with the steps.
 What a call costs once (edge validation, the cascades' robust-point gathers) is pinned
-to the numbers below, so a new sync shows up as a failing test. On the CPU every call adds
-one that CUDA does not make: finite_or_clean's finiteness test of the result.
+to the numbers below, so a new sync shows up as a failing test. An attack call reads its
+edge checks (the images' range, the labels' range) and the finiteness of its result in one
+host sync at its end (validation.deferred); early stopping adds one per step.
 """
 import contextlib
 import types
@@ -67,14 +68,15 @@ def test_no_sync_per_iteration(setup, name):
 
 
 # The per-call syncs of the cascades, with every attack at 2 and at 5 steps: the edge checks
-# (images, then labels at each attack's first forward), the points still robust gathered
-# before each sub-attack (nonzero / boolean index), the clean-accuracy count, and the CPU's
-# finiteness test of the result.
-CASCADE_SYNCS = {"MultiAttack": 11, "AutoAttack": 10}
+# and the finiteness of the result (one read), the points still robust gathered before each
+# sub-attack (nonzero / boolean index), the clean-accuracy count, and what the sub-attacks
+# that validate on their own read (APGD's label range). The budget is small enough that
+# points stay robust at both step counts, so that the same sub-attacks run.
+CASCADE_SYNCS = {"MultiAttack": 7, "AutoAttack": 9}
 CASCADES = {
-    # a budget that leaves points robust after PGD at both step counts, so that APGD runs in both
-    "MultiAttack": lambda m, s: fastadv.MultiAttack([fastadv.PGD(m, eps=0.05, alpha=0.05, steps=s, cuda_graph=False),
-                                                     fastadv.APGD(m, eps=0.05, steps=s)]),
+    "MultiAttack": lambda m, s: fastadv.MultiAttack([
+        fastadv.PGD(m, eps=LINF_SMALL, alpha=LINF_SMALL / 4, steps=s, cuda_graph=False),
+        fastadv.APGD(m, eps=LINF_SMALL, steps=s)]),
     "AutoAttack": lambda m, s: fastadv.AutoAttack(m, eps=LINF, n_classes=10, steps=s, n_queries=s),
 }
 
@@ -93,8 +95,46 @@ def test_edge_validation_syncs_once_per_check(setup):
     assert syncs_of(lambda: validation.check_labels(y, x.shape[0])) == []
     logits = model(x)
     assert syncs_of(lambda: validation.check_logits(logits, y)) == ["Tensor.tolist"]  # the label range
-    # a whole PGD call: those two, and the CPU-only finiteness test of the result
-    assert len(syncs_of(lambda: fastadv.PGD(model, steps=2, cuda_graph=False)(x, y))) == 3
+    # a whole call: both, and the finiteness of the result, in one read at its end
+    for call in (fastadv.PGD(model, steps=2, cuda_graph=False), fastadv.FGSM(model),
+                 fastadv.PGD(model, steps=2, cuda_graph=False, batch_size=5)):
+        assert syncs_of(lambda: call(x, y)) == ["Tensor.tolist"]
+    assert syncs_of(lambda: fastadv.functional.pgd(model, x, y, steps=2)) == ["Tensor.tolist"]
+
+
+def test_edge_checks_read_once_still_name_bad_input(setup):
+    """Read at the end of the call, the checks still raise their own error for bad input,
+    even where the bad input made the attack fail first (a label out of range on the CPU)."""
+    model, x, y = setup
+    bad_x = x.clone()
+    bad_x[0, 0, 0, 0] = 2.0
+    with pytest.raises(ValueError, match="must lie in \\[0, 1\\]"):
+        fastadv.PGD(model, steps=2)(bad_x, y)
+    bad_y = y.clone()
+    bad_y[3] = 10
+    for call in (fastadv.PGD(model, steps=2), fastadv.FGSM(model), fastadv.PGD(model, steps=2, early_stop=True)):
+        with pytest.raises(ValueError, match="labels must lie in \\[0, 9\\]"):
+            call(x, bad_y)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        fastadv.functional.pgd(model, x, bad_y, steps=2)
+
+
+@pytest.mark.parametrize("eps", [LINF_SMALL, 0.05, LINF])
+def test_early_stop_syncs_once_per_step(setup, eps):
+    """One read per step (how many samples left), whether none, some or all of them leave; the
+    rows are moved by index. Plus the call's one read of its edge checks."""
+    model, x, y = setup
+    steps = 7
+    torch.manual_seed(0)
+    syncs = syncs_of(lambda: fastadv.PGD(model, eps=eps, alpha=eps / 4, steps=steps, early_stop=True)(x, y))
+    torch.manual_seed(0)
+    full = fastadv.PGD(model, eps=eps, alpha=eps / 4, steps=steps)(x, y)
+    fooled_at = model(full).argmax(1) != y
+    assert syncs[-1] == "Tensor.tolist" and set(syncs[:-1]) == {"aten._local_scalar_dense.default"}, syncs
+    if bool(fooled_at.all()):  # everyone left early: one read per step run
+        assert 1 <= len(syncs) - 1 <= steps
+    else:
+        assert len(syncs) - 1 == steps, syncs
 
 
 def test_recorder_counts_device_syncs_and_not_host_scalars():

@@ -110,6 +110,43 @@ def test_pgd_at_examples_equal_torchattacks_pgd(batch, trained_models):
     assert torch.equal(ours, ref)
 
 
+def torchattacks_epoch(model, x, y, *, eps, alpha, steps, batch_size, lr, seed):
+    """One epoch of PGD-AT as a user writes it with torchattacks.PGD: the batches of fit's
+    permutation for (seed, epoch 0), mean cross-entropy, SGD with momentum."""
+    import torchattacks
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 1_000_003))
+    for idx in order.split(batch_size):
+        model.train()
+        adv = atk(x[idx], y[idx])
+        opt.zero_grad()
+        F.cross_entropy(model(adv), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_cls", [SmallCNN, MLP])
+def test_fit_epoch_equals_the_torchattacks_loop(model_cls, digits):
+    """fit's whole update, not only its examples: one epoch's weights equal, bit for bit, the
+    hand-written torchattacks loop's from the same seed (batches of 32: the mean's 1/N and
+    fit's scaled sum are the same number when N is a power of two)."""
+    (x, y), _ = digits
+    x, y = x[:160], y[:160]
+    settings = dict(eps=0.1, alpha=0.03, steps=3, batch_size=32, lr=0.05, seed=0)
+    ours, ref = fresh(model_cls), fresh(model_cls)
+    torch.manual_seed(7)
+    fit(ours, x, y, TrainConfig(method="pgd", eps=settings["eps"], alpha=settings["alpha"], steps=settings["steps"]),
+        epochs=1, batch_size=32, optimizer="sgd", lr=settings["lr"], schedule="constant", seed=0)
+    torch.manual_seed(7)
+    torchattacks_epoch(ref, x, y, **settings)
+    assert changed(params_of(fresh(model_cls)), ours)
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after one epoch (max {(a.float() - b.float()).abs().max()})"
+
+
 def test_fgsm_rs_is_one_projected_step_from_a_uniform_start(batch, trained_models):
     import torchattacks
 

@@ -545,7 +545,7 @@ def test_mifgsm_compiled_kernel_vs_twin(shape, dtype, channels_last):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(FUNCTIONS))
-def test_cuda_attacks_vs_torchattacks(name, trained_models, batch):
+def test_cuda_attacks_vs_torchattacks(name, trained_models, batch, deterministic_cuda):
     """MLP on CUDA (deterministic kernels): 'triton' (with CUDA graphs) vs torchattacks on CUDA."""
     import copy
 

@@ -92,7 +92,7 @@ class JitterGradient:
 
     def keep(self, mask: torch.Tensor) -> None:
         if self._batch is None:
-            self._batch = float(mask.shape[0])
+            self._batch = float(self.labels.shape[0])
         self.x, self.labels = self.x[mask], self.labels[mask]
         if self.targets is not None:
             self.targets = self.targets[mask]
