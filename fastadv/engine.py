@@ -99,13 +99,15 @@ class EngineOptions:
         """
         if self.batch_size is not None and self.batch_size < n:
             return self.batch_size
-        if self.early_stop or self.cycle_exit is False or not self.use_cycle_exit(model, quiet=True):
+        if self.early_stop or self.cycle_exit is False:
             return None
-        if self.batch_size is not None:
-            return n
         auto = (self.cycle_exit is None and self.precision is None and steps >= CYCLE_MIN_STEPS
                 and torch.device(device).type == "cpu" and attacked_module(model) is not None)
-        return min(n, auto_slot_count(n)) if self.cycle_exit or auto else None
+        if not (self.cycle_exit or auto or self.batch_size is not None):
+            return None  # decided without walking the model's modules (a cost on every call)
+        if not self.use_cycle_exit(model, quiet=True):
+            return None
+        return n if self.batch_size is not None else min(n, auto_slot_count(n))
 
     def use_cycle_exit(self, model, deterministic=True, quiet=False) -> bool:
         """Whether a run on slots takes the exact cycle exit (see cycle_exit above).
@@ -356,10 +358,10 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy
     """
     engine = engine if isinstance(engine, EngineOptions) else EngineOptions(**(engine or {}))
     with validation.deferred(), backend.pinned():
-        return _run_functional(core, model, images, labels, budgets, engine, copy_images, kwargs)
+        return _run_functional(core, model, images, labels, budgets, engine, copy_images, slots, kwargs)
 
 
-def _run_functional(core, model, images, labels, budgets, engine, copy_images, kwargs):
+def _run_functional(core, model, images, labels, budgets, engine, copy_images, slots, kwargs):
     from fastadv.loop import chunked
 
     validation.check_images(images)

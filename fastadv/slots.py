@@ -566,9 +566,12 @@ def iterations(update, grad, adv, steps, per_sample, *, engine, model, backend_n
     if size is None:
         return loop.run(update, grad, adv, steps, per_sample, early_stop=engine.early_stop,
                         cuda_graph=engine.use_graph(adv, backend_name), model=model)
+    from fastadv.engine import CYCLE_MIN_STEPS
+
+    # the cycle exit from CYCLE_MIN_STEPS steps unless asked for: shorter runs rarely settle
+    cycle_exit = engine.use_cycle_exit(model, deterministic) and (engine.cycle_exit or steps >= CYCLE_MIN_STEPS)
     return iterate(update, grad, adv, steps, per_sample, size=size,
-                   result="first_fooled" if engine.early_stop else "final",
-                   cycle_exit=engine.use_cycle_exit(model, deterministic))
+                   result="first_fooled" if engine.early_stop else "final", cycle_exit=cycle_exit)
 
 
 def forward_in_slots(forward, x: torch.Tensor, size: int) -> torch.Tensor:
