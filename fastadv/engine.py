@@ -101,9 +101,9 @@ class EngineOptions:
             return self.batch_size
         if self.early_stop or self.cycle_exit is False:
             return None
-        auto = (self.cycle_exit is None and self.precision is None and steps >= CYCLE_MIN_STEPS
-                and torch.device(device).type == "cpu" and attacked_module(model) is not None)
-        if not (self.cycle_exit or auto or self.batch_size is not None):
+        auto = self.cycle_exit is None and steps >= CYCLE_MIN_STEPS and (self.batch_size is not None or (
+            self.precision is None and torch.device(device).type == "cpu" and attacked_module(model) is not None))
+        if not (self.cycle_exit or auto):
             return None  # decided without walking the model's modules (a cost on every call)
         if not self.use_cycle_exit(model, quiet=True):
             return None
