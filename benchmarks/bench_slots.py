@@ -239,6 +239,12 @@ def markdown(data):
     return "\n".join(lines)
 
 
+def _case(row):
+    """What a row measured (rows of a later run replace the same case's)."""
+    return tuple(row.get(k) for k in ("part", "model", "eps", "steps", "alpha", "attacks", "stage", "slots",
+                                       "deterministic"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_slots", description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="pgd,anchor,eval,invariance")
@@ -292,9 +298,9 @@ def main(argv=None):
         out = args.out or str(results.RESULTS_DIR / f"slots_{results.device_slug(device)}")
         path = pathlib.Path(out + ".json")
         data = json.loads(path.read_text()) if path.exists() else {"runs": [], "rows": []}
-        # rows of earlier runs stay unless this run measured the same (model, eps, part) again
-        fresh = {(r["model"], r["eps"], r["part"]) for r in rows}
-        kept = [r for r in data["rows"] if (r["model"], r["eps"], r["part"]) not in fresh]
+        # rows of earlier runs stay unless this run measured the same case again
+        fresh = {_case(r) for r in rows}
+        kept = [r for r in data["rows"] if _case(r) not in fresh]
         runs = [data["runs"][i] for i in sorted({r["run"] for r in kept})] + [run]
         renumber = {old: new for new, old in enumerate(sorted({r["run"] for r in kept}))}
         for r in kept:

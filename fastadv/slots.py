@@ -252,12 +252,22 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_SAME_SIZE_INT[t.element_size()])
 
 
-def _flat_bits(t: torch.Tensor) -> torch.Tensor:
-    """t's bits as a [rows, -1] view, whatever its memory format (the order of a row's elements
-    does not matter to a comparison of whole rows)."""
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """A device tensor's numbers as a numpy array, in one copy (the one host sync on CUDA)."""
+    return t.numpy().copy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """t as a [rows, -1] view, whatever its memory format (the order of a row's elements does
+    not matter to a fingerprint or to a comparison of whole rows)."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         t = t.permute(0, 2, 3, 1)
-    return bits(t).reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def _flat_bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as a [rows, -1] view (see _flat)."""
+    return bits(_flat(t))
 
 
 class CycleWatch:
@@ -272,10 +282,11 @@ class CycleWatch:
     once the anchor lies on the cycle, the iterate equals it again after p steps; then the
     slot goes on for the (T - t) mod p steps that bring it to the same final iterate.
 
-    Each iterate gets a fingerprint as it is written (a float64 dot product of its bit
-    patterns with fixed random weights: one pass, deterministic at a fixed shape), and a
-    check compares fingerprints, [history, B] numbers; only the rows whose fingerprints
-    match are compared bit for bit, and only a bitwise match closes a cycle.
+    Each iterate gets a fingerprint as it is written (a dot product of its values with fixed
+    random weights: one read, deterministic at a fixed shape, so equal iterates get equal
+    fingerprints), and a check compares fingerprints, [history, B] numbers; only the rows
+    whose fingerprints match are compared bit for bit, and only a bitwise match closes a
+    cycle (a NaN iterate never matches: its cycle is simply not caught).
     """
 
     def __init__(self, adv: torch.Tensor, history: int, anchor: bool = True):
@@ -288,10 +299,12 @@ class CycleWatch:
         self.ring = list(self.store.split(self.rows))  # [rows, ...] views, in adv's memory format
         self.ring[0].copy_(adv)
         gen = torch.Generator().manual_seed(0)
-        self.weights = torch.rand(adv[0].numel(), generator=gen, dtype=torch.float64).to(adv.device)
-        self.prints = torch.zeros(history, self.rows, dtype=torch.float64, device=adv.device)
+        # fingerprints in the iterate's own values (no conversion pass); half types in fp32
+        self.print_dtype = adv.dtype if adv.dtype in (torch.float32, torch.float64) else torch.float32
+        self.weights = torch.rand(adv[0].numel(), generator=gen, dtype=self.print_dtype).to(adv.device)
+        self.prints = torch.zeros(history, self.rows, dtype=self.print_dtype, device=adv.device)
         self.anchor = torch.empty_like(adv)
-        self.anchor_print = torch.zeros(self.rows, dtype=torch.float64, device=adv.device)
+        self.anchor_print = torch.zeros(self.rows, dtype=self.print_dtype, device=adv.device)
         self.anchor_age = np.full(self.rows, -1, dtype=np.int64)
         self.anchored = anchor
         self.clock = 0  # the ring position of the current iterate
@@ -304,7 +317,9 @@ class CycleWatch:
         return self.ring[(self.clock + 1) % self.history]
 
     def _fingerprint(self, position):
-        torch.mv(_flat_bits(self.ring[position]).to(torch.float64), self.weights, out=self.prints[position])
+        rows = _flat(self.ring[position])
+        torch.mv(rows if rows.dtype == self.print_dtype else rows.to(self.print_dtype), self.weights,
+                 out=self.prints[position])
 
     def advance(self, age):
         """The update wrote the next iterate; age: each slot's steps done, after it."""
@@ -501,10 +516,10 @@ class Iterations:
     def poll(self, age, limit):
         if self.watch is None and not self.fooled_exit:
             return None
-        parts = [self.fooled.to(torch.float64)] if self.fooled_exit else []
+        parts = [self.fooled] if self.fooled_exit else []
         if self.watch is not None:
             parts.append(self.watch.fetchable())
-        got = np.array(torch.cat(parts).tolist())  # the one host sync of a poll
+        got = to_host(torch.cat([p.to(torch.float64) for p in parts]))  # the one host sync of a poll
         exits = got[:self.size] > 0 if self.fooled_exit else np.zeros(self.size, dtype=bool)
         if self.watch is not None:
             period, home = self.watch.match(got[self.size:] if self.fooled_exit else got, age)

@@ -416,6 +416,9 @@ class APGDSlots:
         self._update(age, live, fresh)
 
     def _checkpoint(self, age, running):
+        """The checkpoint of the slots whose iteration ends one: halve the step where the loss
+        rose too rarely in the window, and restart those from the best point. Only the slots
+        at a checkpoint are read and written (after refills, some slot is at one most steps)."""
         s = self.s
         i = np.where(running, age - 1, 0)
         window = np.where(running, self.window[i], 0)
@@ -423,49 +426,41 @@ class APGDSlots:
         if not at.any():
             return
         dev = s.y.device
-        back = torch.as_tensor(np.where(at, age - window, 0), device=dev)
-        increases = s.increases - s.history[back, s.columns]
-        reduce = increases <= torch.as_tensor(self.threshold[i], device=dev)
-        reduce = reduce | (~s.reduced_last_check & (s.loss_best_last_check >= s.loss_best))
-        s.reduced_last_check = _select(at, reduce, s.reduced_last_check)
-        s.loss_best_last_check = _select(at, s.loss_best, s.loss_best_last_check)
-        reduce = _mask(at, reduce, s)
-        s.step = torch.where(reduce, s.step / 2.0, s.step)
+        rows = torch.as_tensor(np.flatnonzero(at), device=dev)
+        increases = s.increases[rows] - s.history[torch.as_tensor(age[at] - window[at], device=dev), rows]
+        loss_best = s.loss_best[rows]
+        reduce = increases <= torch.as_tensor(self.threshold[i[at]], device=dev)
+        reduce = reduce | (~s.reduced_last_check[rows] & (s.loss_best_last_check[rows] >= loss_best))
+        s.reduced_last_check = s.reduced_last_check.index_copy(0, rows, reduce)
+        s.loss_best_last_check = s.loss_best_last_check.index_copy(0, rows, loss_best)
+        step = s.step[rows]
+        s.step = s.step.index_copy(0, rows, torch.where(reduce, step / 2.0, step))
         reset = _column(reduce, s.x_adv)
-        s.x_adv = torch.where(reset, s.x_best, s.x_adv)
-        s.grad = torch.where(reset, s.grad_best, s.grad)
+        s.x_adv.index_copy_(0, rows, torch.where(reset, s.x_best[rows], s.x_adv[rows]))
+        s.grad.index_copy_(0, rows, torch.where(reset, s.grad_best[rows], s.grad[rows]))
 
     def _update(self, age, live, fresh):
         s = self.s
         moving = live & (age < self.n_iter)
         if not moving.any():
             return
-        x_next = self._move(0.75 if not fresh.all() else 1.0, out=s.spare)
+        x_next = self._move(1.0 if fresh.all() else 0.75, out=s.spare)
         if fresh.any() and not fresh.all():  # a fresh run's first update has no momentum (a = 1)
-            x_next = torch.where(_column(_device_mask(fresh, s), x_next), self._move(1.0), x_next)
+            rows = torch.as_tensor(np.flatnonzero(fresh), device=s.y.device)
+            x_next.index_copy_(0, rows, self._move(1.0, rows))
         s.spare, s.x_old, s.x_adv = s.x_old, s.x_adv, x_next
 
-    def _move(self, a, out=None):
+    def _move(self, a, rows=None, out=None):
+        """The update of every slot (or of the slots rows names) with momentum weight a."""
         s = self.s
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        x_adv, x_old, x, grad, step, eps = (pick(t) for t in (s.x_adv, s.x_old, s.x, s.grad, s.step, s.eps))
         if self.norm == "Linf":
-            return ops.apgd_linf_step(s.x_adv, s.x_old, s.x, s.grad, step=s.step, eps=s.eps, a=a, backend=self.backend,
-                                      out=out)
-        step = s.step[:1].expand(s.step.shape[0]) if self.first_step_only else s.step
-        return ops.apgd_l2_step(s.x_adv, s.x_old, s.x, s.grad, step=step, eps=s.eps, a=a,
-                                arithmetic=self.arithmetic, backend=self.backend, out=out)
-
-    def shrink(self, rows):
-        """Keep only these slots (compaction: fastadv.slots.run's shrink)."""
-        s, dev = self.s, self.s.y.device
-        rows = rows.to(dev)
-        b = s.y.shape[0]
-        for name, value in vars(s).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b and name != "history":
-                setattr(s, name, value.index_select(0, rows))
-        s.history = s.history.index_select(1, rows)
-        s.columns = torch.arange(rows.numel(), device=dev)
-        s.objective.y, s.objective.y_target = s.y, s.y_target
-        self.size = rows.numel()
+            return ops.apgd_linf_step(x_adv, x_old, x, grad, step=step, eps=eps, a=a, backend=self.backend, out=out)
+        if self.first_step_only:
+            step = step[:1].expand(step.shape[0])
+        return ops.apgd_l2_step(x_adv, x_old, x, grad, step=step, eps=eps, a=a, arithmetic=self.arithmetic,
+                                backend=self.backend, out=out)
 
     # -- exits and results -----------------------------------------------------------------------
 
