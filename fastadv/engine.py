@@ -362,7 +362,7 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy
 
 
 def _run_functional(core, model, images, labels, budgets, engine, copy_images, slots, kwargs):
-    from fastadv.loop import chunked
+    from fastadv.loop import chunked, halving_on_oom
 
     validation.check_images(images)
     validation.check_labels(labels, images.shape[0])
@@ -382,8 +382,13 @@ def _run_functional(core, model, images, labels, budgets, engine, copy_images, s
         return core(model, xc, y[idx], engine=engine, **chunk_kwargs)
 
     with model_guard(model):
-        if slots:  # the core takes batch_size itself (fixed-shape slots)
-            return finite_or_clean(core(model, x, y, engine=engine, **kwargs), x)
+        if slots:  # the core takes batch_size itself (fixed-shape slots; fewer of them on OOM)
+            def run_slots(size):
+                options = engine if size == (engine.batch_size or n) else dataclasses.replace(engine, batch_size=size)
+                return core(model, x, y, engine=options, **kwargs)
+
+            adv, _ = halving_on_oom(run_slots, min(engine.batch_size or n, n), device)
+            return finite_or_clean(adv, x)
         if per_sample:  # [N] budgets are chunked with the samples: chunk the row indices
             return finite_or_clean(chunked(run_chunk, x, torch.arange(n, device=device), engine.batch_size), x)
         return finite_or_clean(chunked(lambda xc, yc: core(model, xc, yc, engine=engine, **kwargs), x, y,

@@ -148,25 +148,34 @@ def _rows(t, start, stop):
 
 
 def _retry_on_oom(fn, x, y, size, return_size=False):
+    out, size = halving_on_oom(lambda size: fn(_rows(x, 0, size), _rows(y, 0, size)), size, x.device)
+    return (out, size) if return_size else _finish_rest(fn, x, y, out, size)
+
+
+def halving_on_oom(fn, size, device):
+    """fn(size), retried with size halved (from the same RNG state) while an allocation fails;
+    returns (result, the size that ran)."""
+    device = torch.device(device)
+
     def rng_state():
-        return torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
+        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
     def set_rng_state(state):
-        torch.cuda.set_rng_state(state, x.device) if x.is_cuda else torch.set_rng_state(state)
+        torch.cuda.set_rng_state(state, device) if device.type == "cuda" else torch.set_rng_state(state)
 
     state = rng_state()
     while True:
         try:
-            out = fn(_rows(x, 0, size), _rows(y, 0, size))
-            return (out, size) if return_size else _finish_rest(fn, x, y, out, size)
+            return fn(size), size
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if size == 1 or not is_out_of_memory(exc):
                 raise
-            if x.is_cuda:
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
             set_rng_state(state)  # the retry draws the same random start
             size = (size + 1) // 2
-            warnings.warn(f"fastadv: {x.device.type.upper()} out of memory; continuing with chunks of {size}", stacklevel=4)
+            warnings.warn(f"fastadv: {device.type.upper()} out of memory; continuing with chunks of {size}",
+                          stacklevel=5)
 
 
 def _finish_rest(fn, x, y, first, size):

@@ -462,6 +462,19 @@ class APGDSlots:
         return ops.apgd_l2_step(x_adv, x_old, x, grad, step=step, eps=eps, a=a, arithmetic=self.arithmetic,
                                 backend=self.backend, out=out)
 
+    def shrink(self, rows):
+        """Keep only these slots (compaction: fastadv.slots.run's shrink)."""
+        s, dev = self.s, self.s.y.device
+        rows = rows.to(dev)
+        b = s.y.shape[0]
+        for name, value in vars(s).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b and name != "history":
+                setattr(s, name, value.index_select(0, rows))
+        s.history = s.history.index_select(1, rows)
+        s.columns = torch.arange(rows.numel(), device=dev)
+        s.objective.y, s.objective.y_target = s.y, s.y_target
+        self.size = rows.numel()
+
     # -- exits and results -----------------------------------------------------------------------
 
     def poll(self, age, limit):
