@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.engine import EngineOptions, run_functional
+from fastadv.retained import SharedForward
 
 NORMS = ("Linf", "L2")
 DEFAULT_EPS_BY_NORM = {"Linf": 0.3, "L2": 1.0}
@@ -206,7 +207,8 @@ def _all_class_gradients(forward, x):
     """
     im = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = forward(im)
+        shared = SharedForward(forward, im)
+        logits = shared.output
         n_classes = logits.shape[1]
         eye = torch.eye(n_classes, dtype=logits.dtype, device=logits.device)
         cot = eye.unsqueeze(1).expand(n_classes, *logits.shape)
@@ -218,7 +220,7 @@ def _all_class_gradients(forward, x):
                 pass
         grads = torch.empty((n_classes, *im.shape), dtype=im.dtype, device=im.device)
         for k in range(n_classes):
-            grads[k] = torch.autograd.grad(logits, im, cot[k], retain_graph=k < n_classes - 1)[0]
+            grads[k] = shared.grad(lambda z: z, grad_output=cot[k], retain=k < n_classes - 1)
     return logits.detach(), grads
 
 
@@ -338,6 +340,7 @@ def fab_loop(forward, x, y, *, norm="Linf", eps=8 / 255, steps=10, n_restarts=1,
     """
     if generator is None:
         generator = seeded_generator(seed)
+    forward = validation.explain_float32_inputs(forward, x.dtype, "FAB")
     adv = x.clone()
     start = time.time()
     with torch.no_grad():

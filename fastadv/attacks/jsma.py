@@ -8,6 +8,7 @@ from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.cw import engine_forward
 from fastadv.engine import EXACT, run_functional
+from fastadv.retained import SharedForward
 from fastadv.validation import check_logits
 
 SALIENCY_BLOCK = 1 << 22  # saliency entries computed at once (16 MiB per fp32 temporary)
@@ -25,12 +26,11 @@ def check_jsma_args(theta, gamma):
     return theta, gamma
 
 
-def jacobian(logits, x):
-    """[C, F] float32: row i is the gradient of logits[0, i] with respect to x (one image),
-    one backward per class as the reference."""
-    n_classes = logits.shape[1]
-    rows = [torch.autograd.grad(logits[0, i], x, retain_graph=i + 1 < n_classes)[0].flatten()
-            for i in range(n_classes)]
+def jacobian(shared):
+    """[C, F] float32: row i is the gradient of logits[0, i] with respect to x (one image,
+    a SharedForward), one backward per class as the reference."""
+    n_classes = shared.output.shape[1]
+    rows = [shared.grad(lambda z: z[0, i], retain=i + 1 < n_classes).flatten() for i in range(n_classes)]
     return torch.stack(rows).float()
 
 
@@ -82,12 +82,13 @@ def jsma_single(forward, image, target, theta, gamma):
     for it in range(max_iters + 1):
         xg = adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = forward(xg)
+            shared = SharedForward(forward, xg)
+            logits = shared.output
         # The reference's loop test: one host sync per iteration.
         if it == max_iters or bool(torch.argmax(logits.detach(), 1)[0] == target) or not bool(domain.any()):
             break
         with torch.enable_grad():
-            jac = jacobian(logits, xg)
+            jac = jacobian(shared)
         p, q = saliency_pair(jac, target, increasing, domain)
         flat = adv.detach().flatten().clone()
         flat[p] += theta  # p == q (nothing salient) adds theta twice, as the reference

@@ -77,6 +77,7 @@ def smoothing_loop(forward, x, y, *, eps, alpha, steps, noise, noise_batch_size,
     masked-out terms are zeros either way): the same bits with a fifth of the
     image-sized passes outside the model.
     """
+    forward = validation.explain_float32_inputs(forward, x.dtype, "PGDRS/PGDRSL2")
     n, nb, rest = x.shape[0], noise_batch_size, x.shape[1:]
     delta = torch.zeros((n, *rest), device=x.device)  # the default dtype, as the reference's
     dtype = autocast_dtype(engine.precision)

@@ -525,7 +525,7 @@ def square_loop(forward, x, y, *, eps=8 / 255, norm="Linf", n_queries=5000, n_re
         raise ValueError(f"Square L2 needs images of at least 5x5 pixels, got {x.shape[2]}x{x.shape[3]}")
     fmt = validation.memory_format(x)
     x = x.contiguous()
-    forward = engine_forward(forward, engine)
+    forward = validation.explain_float32_inputs(engine_forward(forward, engine), x.dtype, "Square")
     with torch.no_grad():
         pred = forward(x).max(1)[1]
         acc = pred != y if targeted else pred == y
