@@ -556,7 +556,7 @@ class _APGDBase(Attack):
 
 class APGD(_APGDBase):
     r"""APGD in the paper 'Reliable evaluation of adversarial robustness with an ensemble of
-    diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690]
+    diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690],
     [https://github.com/fra31/auto-attack].
 
     Distance measure: Linf, L2. Threat model: untargeted, white-box (gradients), budget

@@ -59,7 +59,7 @@ def apgdt(
 
 class APGDT(_APGDBase):
     r"""APGD-Targeted in the paper 'Reliable evaluation of adversarial robustness with an
-    ensemble of diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690]
+    ensemble of diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690],
     [https://github.com/fra31/auto-attack]. Targeted attack for every wrong class.
 
     Distance measure: Linf, L2. Threat model: untargeted success (any wrong class) by

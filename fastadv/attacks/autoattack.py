@@ -108,7 +108,7 @@ def default_settings(version, n_classes, steps=None, n_queries=None):
 
 class AutoAttack(Attack):
     r"""AutoAttack from 'Reliable evaluation of adversarial robustness with an ensemble of
-    diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690]
+    diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690],
     [https://github.com/fra31/auto-attack], run as the original (pyautoattack 0.2.0) runs it.
 
     Threat model: white-box (APGD, FAB) and score-based black-box (Square), untargeted

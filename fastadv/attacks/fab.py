@@ -419,8 +419,8 @@ def fab(model, images, labels, *, norm="Linf", eps=8 / 255, steps=10, n_restarts
         model: classifier taking images in [0, 1] and returning logits [N, C].
         images: [N, ...] floats in [0, 1]. labels: [N] true class indices.
         norm: 'Linf' or 'L2'. eps: the budget a result must meet to count (None: 0.3 / 1.0).
-        steps, n_restarts, alpha_max, eta, beta, seed: as FAB. multi_targeted, n_classes:
-        FAB-T against the n_classes-1 most likely other classes in turn.
+        steps, n_restarts, alpha_max, eta, beta, seed: as FAB.
+        multi_targeted, n_classes: FAB-T against the n_classes-1 most likely other classes in turn.
         arithmetic: 'torchattacks' or 'original' (the same arithmetic; accepted for symmetry).
         **engine: batch_size and channels_last (see fastadv.engine.EngineOptions; FAB's own
             arithmetic is unchanged by them); exact mode only.
@@ -435,7 +435,7 @@ def fab(model, images, labels, *, norm="Linf", eps=8 / 255, steps=10, n_restarts
 
 class FAB(Attack):
     r"""FAB from 'Minimally distorted Adversarial Examples with a Fast Adaptive Boundary Attack'
-    [https://arxiv.org/abs/1907.02044] [https://github.com/fra31/auto-attack].
+    [https://arxiv.org/abs/1907.02044], [https://github.com/fra31/auto-attack].
 
     Threat model: white-box, gradients; minimal Linf or L2 perturbation. Returned points
     are adversarial only when their distance is at most eps, otherwise clean.

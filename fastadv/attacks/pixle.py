@@ -181,8 +181,8 @@ def pixle(model, images, labels, *, x_dimensions=(2, 10), y_dimensions=(2, 10), 
     Arguments:
         model: classifier taking images in [0, 1] and returning logits [N, C].
         images: [N, C, H, W] floats in [0, 1]. labels: [N] class indices (the targets when targeted).
-        x_dimensions, y_dimensions, pixel_mapping, restarts, max_iterations,
-        update_each_iteration: as Pixle.
+        x_dimensions, y_dimensions, pixel_mapping, restarts, max_iterations, update_each_iteration:
+            as Pixle.
         **engine: fastadv.engine.EngineOptions (batch_size chunks the batch).
     Draws from numpy's global RNG. Returns the adversarial images on the model's device;
     bit-exact with torchattacks.Pixle after the same np.random.seed on square images (see Pixle).
