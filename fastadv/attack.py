@@ -8,11 +8,14 @@ already in [0, 1] space and on the model's device.
 import dataclasses
 import inspect
 import warnings
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from fastadv import saving, validation
 from fastadv.engine import EngineOptions, finite_or_clean, model_device, model_guard
+from fastadv.hints import EngineKwargs, Unpack
 from fastadv.loop import chunked
 
 ENGINE_KEYWORDS = tuple(f.name for f in dataclasses.fields(EngineOptions))
@@ -45,7 +48,8 @@ class Attack:
             The defaults are exact mode: the reference's results.
     """
 
-    def __init__(self, name, model, backend=None, **engine):
+    def __init__(self, name: str, model: nn.Module, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         self._check_keywords(engine)
         self.attack = name
         self._attacks = {}

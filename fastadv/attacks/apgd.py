@@ -28,14 +28,17 @@ import math
 import numbers
 import time
 import warnings
+from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import ops, validation
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, autocast_dtype, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 NORMS = ("Linf", "L2")
 LOSSES = ("ce", "dlr")
@@ -484,9 +487,12 @@ def _apgd_core(model, x, y, **kwargs):
 
 
 def apgd(
-    model, images, labels, *, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, loss="ce", eot_iter=1,
-    rho=0.75, verbose=False, arithmetic="torchattacks", backend=None, **engine,
-):
+    model: Model, images: torch.Tensor, labels: torch.Tensor, *, norm: Literal["Linf", "L2"] = "Linf",
+    eps: Budget = 8 / 255, steps: int = 10, n_restarts: int = 1, seed: Optional[int] = 0,
+    loss: Literal["ce", "dlr"] = "ce", eot_iter: int = 1, rho: float = 0.75, verbose: bool = False,
+    arithmetic: Literal["torchattacks", "original"] = "torchattacks", backend: Optional[str] = None,
+    **engine: Unpack[EngineKwargs],
+) -> torch.Tensor:
     """Auto-PGD (untargeted), as torchattacks.APGD computes it.
 
     Arguments:
@@ -590,8 +596,10 @@ class APGD(_APGDBase):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, loss="ce", eot_iter=1,
-                 rho=0.75, verbose=False, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, norm: Literal["Linf", "L2"] = "Linf", eps: float = 8 / 255, steps: int = 10,
+                 n_restarts: int = 1, seed: Optional[int] = 0, loss: Literal["ce", "dlr"] = "ce", eot_iter: int = 1,
+                 rho: float = 0.75, verbose: bool = False, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("APGD", model, backend, engine, norm, eps, steps, n_restarts, seed, eot_iter, rho, verbose,
                          loss=loss)
 

@@ -1,12 +1,15 @@
 """DeepFool (Moosavi-Dezfooli et al., 2016), batched over the images still classified correctly."""
 import numbers
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.cw import engine_forward
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 from fastadv.retained import SharedForward
 from fastadv.validation import check_logits
 
@@ -118,7 +121,8 @@ def deepfool_loop(forward, x, y, *, steps=50, overshoot=0.02, return_target_labe
     return (adv, target_labels) if return_target_labels else adv
 
 
-def deepfool(model, images, labels, *, steps=50, overshoot=0.02, backend=None, **engine):
+def deepfool(model: Model, images: torch.Tensor, labels: torch.Tensor, *, steps: int = 50, overshoot: float = 0.02,
+             backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """DeepFool, untargeted, L2; the result of torchattacks.DeepFool, computed in batches.
 
     Arguments:
@@ -177,7 +181,8 @@ class DeepFool(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, steps=50, overshoot=0.02, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, steps: int = 50, overshoot: float = 0.02, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("DeepFool", model, backend=backend, **engine)
         self.steps, self.overshoot = check_deepfool_args(steps, overshoot)
         self.supported_mode = ["default"]

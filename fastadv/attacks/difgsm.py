@@ -2,9 +2,11 @@
 et al., 2019): MI-FGSM whose gradient is taken through a random resize-and-pad of the
 input, smoothed by a fixed kernel for TI-FGSM. Linf."""
 import numbers
+from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import validation
@@ -12,6 +14,7 @@ from fastadv.attack import Attack
 from fastadv.attacks.momentum import momentum_iterations, refuse_early_stop
 from fastadv.attacks.pgd import uniform_start
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 KERNELS = ("gaussian", "linear", "uniform")
 
@@ -153,8 +156,10 @@ def difgsm_loop(forward, x, y, *, eps, alpha, steps, decay=0.0, resize_rate=0.9,
     return adv.contiguous(memory_format=fmt)
 
 
-def difgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, resize_rate=0.9,
-           diversity_prob=0.5, random_start=False, targeted=False, backend=None, **engine):
+def difgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+           steps: int = 10, decay: float = 0.0, resize_rate: float = 0.9, diversity_prob: float = 0.5,
+           random_start: bool = False, targeted: bool = False, backend: Optional[str] = None,
+           **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """DI-FGSM: momentum sign steps on gradients through a random resize-and-pad.
 
     Arguments:
@@ -174,9 +179,11 @@ def difgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay
     )
 
 
-def tifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, kernel_name="gaussian",
-           len_kernel=15, nsig=3, resize_rate=0.9, diversity_prob=0.5, random_start=False, targeted=False,
-           backend=None, **engine):
+def tifgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+           steps: int = 10, decay: float = 0.0, kernel_name: Literal["gaussian", "linear", "uniform"] = "gaussian",
+           len_kernel: int = 15, nsig: float = 3, resize_rate: float = 0.9, diversity_prob: float = 0.5,
+           random_start: bool = False, targeted: bool = False, backend: Optional[str] = None,
+           **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """TI-FGSM: DI-FGSM whose gradient is smoothed per channel by a gaussian, linear or uniform kernel.
 
     Arguments: as difgsm, plus kernel_name, len_kernel (odd) and nsig.
@@ -265,8 +272,9 @@ class DIFGSM(_DiversityAttack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, resize_rate=0.9, diversity_prob=0.5,
-                 random_start=False, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 decay: float = 0.0, resize_rate: float = 0.9, diversity_prob: float = 0.5, random_start: bool = False,
+                 *, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("DIFGSM", model, backend=backend, **engine)
         self._set_common(eps, alpha, steps, decay, resize_rate, diversity_prob, random_start)
         self.supported_mode = ["default", "targeted"]
@@ -307,8 +315,10 @@ class TIFGSM(_DiversityAttack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, kernel_name="gaussian", len_kernel=15,
-                 nsig=3, resize_rate=0.9, diversity_prob=0.5, random_start=False, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 decay: float = 0.0, kernel_name: Literal["gaussian", "linear", "uniform"] = "gaussian",
+                 len_kernel: int = 15, nsig: float = 3, resize_rate: float = 0.9, diversity_prob: float = 0.5,
+                 random_start: bool = False, *, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("TIFGSM", model, backend=backend, **engine)
         self._set_common(eps, alpha, steps, decay, resize_rate, diversity_prob, random_start)
         self.kernel_name, self.len_kernel, checked_nsig = check_kernel(kernel_name, len_kernel, nsig)

@@ -20,13 +20,16 @@ serves both libraries.
 import math
 import numbers
 import time
+from typing import Literal, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.engine import EngineOptions, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 from fastadv.retained import SharedForward
 
 NORMS = ("Linf", "L2")
@@ -411,8 +414,11 @@ def check_arithmetic(arithmetic):
     return arithmetic
 
 
-def fab(model, images, labels, *, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
-        seed=0, multi_targeted=False, n_classes=10, arithmetic="torchattacks", backend=None, **engine):
+def fab(model: Model, images: torch.Tensor, labels: torch.Tensor, *, norm: Literal["Linf", "L2"] = "Linf",
+        eps: float = 8 / 255, steps: int = 10, n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
+        beta: float = 0.9, seed: int = 0, multi_targeted: bool = False, n_classes: int = 10,
+        arithmetic: Literal["torchattacks", "original"] = "torchattacks", backend: Optional[str] = None,
+        **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Fast Adaptive Boundary attack, untargeted or multi-targeted (FAB-T).
 
     Arguments:
@@ -482,9 +488,11 @@ class FAB(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
-                 verbose=False, seed=0, multi_targeted=False, n_classes=10, *, arithmetic="torchattacks", backend=None,
-                 **engine):
+    def __init__(self, model: nn.Module, norm: Literal["Linf", "L2"] = "Linf", eps: float = 8 / 255, steps: int = 10,
+                 n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+                 verbose: bool = False, seed: int = 0, multi_targeted: bool = False, n_classes: int = 10, *,
+                 arithmetic: Literal["torchattacks", "original"] = "torchattacks", backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("FAB", model, backend=backend, **engine)
         check_engine(self.engine)
         params = _check_params(norm, eps, steps, n_restarts, alpha_max, eta, beta, seed, n_classes)

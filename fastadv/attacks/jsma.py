@@ -1,13 +1,16 @@
 """JSMA: the Jacobian-based saliency map attack (Papernot et al., 2016), L0."""
 import math
 import numbers
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.cw import engine_forward
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 from fastadv.retained import SharedForward
 from fastadv.validation import check_logits
 
@@ -121,7 +124,8 @@ def jsma_loop(forward, x, y, *, theta=1.0, gamma=0.1, targeted=False, engine=EXA
     return torch.clamp(adv, min=0, max=1).contiguous(memory_format=fmt)
 
 
-def jsma(model, images, labels, *, theta=1.0, gamma=0.1, targeted=False, backend=None, **engine):
+def jsma(model: Model, images: torch.Tensor, labels: torch.Tensor, *, theta: float = 1.0, gamma: float = 0.1,
+         targeted: bool = False, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """JSMA, as torchattacks.JSMA: see fastadv.JSMA.
 
     Arguments:
@@ -177,7 +181,8 @@ class JSMA(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, theta=1.0, gamma=0.1, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, theta: float = 1.0, gamma: float = 0.1, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("JSMA", model, backend=backend, **engine)
         self.theta, self.gamma = check_jsma_args(theta, gamma)
         self.supported_mode = ["default", "targeted"]
