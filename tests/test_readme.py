@@ -71,3 +71,15 @@ def test_readme_speed_figures_are_the_results_files():
     assert command.strip() in (ROOT / "docs" / "speed.md").read_text(), "the picture's command, as docs/speed.md has it"
     for name in re.findall(r"benchmarks/results/[\w.-]+\.json", command):
         assert (ROOT / name).exists(), name
+
+
+def test_speed_picture_is_drawn_from_the_results_files(tmp_path):
+    from benchmarks import plot
+
+    command = re.search(r"```bash\n(.*?)```", text().split("## Speed", 1)[1], re.S).group(1)
+    sources = [ROOT / name for name in re.findall(r"benchmarks/results/[\w.-]+\.json", command)]
+    devices = {(r["device_kind"], r["device"]) for r in plot.summary_rows(sources)}
+    assert {kind for kind, _ in devices} == {"cpu", "cuda"}, devices  # CPU and GPU rows, each with its device
+    png = plot.plot_summary(sources, tmp_path / "speed.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (ROOT / "docs" / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
