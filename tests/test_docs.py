@@ -83,7 +83,7 @@ def test_stated_bounds_are_the_tested_bounds():
     bound = sci(DEEPFOOL_ATOL)
     assert f"within {bound}" in row("attacks.md", "DeepFool")
     assert f"within {bound} of torchattacks" in (DOCS / "migration.md").read_text()
-    assert f"within {bound} (the tests assert it)" in " ".join(DeepFool.__doc__.split())
+    assert f"within {bound} (the tests assert it;" in " ".join(DeepFool.__doc__.split())
     assert f"DeepFool, which is batched (within {bound})" in " ".join((ROOT / "README.md").read_text().split())
     l2 = f"L2 within {sci(L2_KERNEL_ATOL[torch.float32])}"
     for name in ("APGD", "APGDT"):
