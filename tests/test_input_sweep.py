@@ -21,9 +21,9 @@ reference is the original (pyautoattack 0.2.0). Every (name, kind) must end one 
 The lists are exact both ways: a listed case that starts behaving otherwise fails too.
 
 The compiled model: one ``torch.compile(Pooled(MLP))`` shared by the sweep (recompiles kept
-below a raised limit, so no call falls back to eager). Its cost, cold on a 2-core CPU: about
-2 minutes for the 39 names (Inductor compiles some 20 graph variants: grad modes, parameters'
-requires_grad, batch-size ranges); marked slow. Donated buffers are switched off for the sweep:
+below a raised limit, so no call falls back to eager). Its cost on a 2-core CPU with an empty
+Inductor cache: 72 s for the 39 names and the test after them (Inductor compiles a graph for
+each grad mode, parameters' requires_grad and batch-size range the attacks use); marked slow. Donated buffers are switched off for the sweep:
 with them, whether a retained-graph backward (DeepFool, JSMA, FAB in both libraries) is refused
 depends on which backward first ran on each compiled graph, i.e. on test order; fastadv's answer
 to that refusal (rerun the forward per gradient) is tested on its own below.
