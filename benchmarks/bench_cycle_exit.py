@@ -5,8 +5,8 @@ with cycle_exit=True run on the same inputs and seed, alternating, after one war
 Every model call is counted by wrapping the model in fastadv.calls.CallCounter (all three
 run through the same wrapper, so its few microseconds per call weigh on each alike); the
 time is the median over the repeats on the chosen clock; 'equal' is torch.equal with
-torchattacks' output. --sweep also times the exit's check interval (CYCLE_CHECK_EVERY) and
-history (CYCLE_HISTORY) on the first model and step count. digits-cnn-plain is the same
+torchattacks' output. --sweep also times the exit's check interval (slots.CHECK_EVERY) and
+ring length (slots.CYCLE_HISTORY) on the first model and step count. digits-cnn-plain is the same
 SmallCNN trained without attacks (fastadv.models.train_plain, 8 epochs): a standard model,
 on which the exit's bookkeeping is measured where few samples settle; --settings picks the
 (eps, alpha) pairs.
@@ -94,20 +94,20 @@ def row(model_name, batch, eps, alpha, steps, m, env, clock):
 
 
 def sweep(counter, x, y, eps, alpha, steps, *, repeats, clock, seed):
-    """Rows timing the exit with other check intervals and history lengths."""
+    """Rows timing the exit with other check intervals and ring lengths (on the CPU's slots)."""
     import fastadv
-    from fastadv import loop
+    from fastadv import slots
 
-    saved = loop.CYCLE_CHECK_EVERY, loop.CYCLE_HISTORY
+    saved = slots.CHECK_EVERY["cpu"], slots.CYCLE_HISTORY
     out = []
     try:
-        for every, history in [(1, 16), (2, 16), (4, 16), (8, 16), (16, 16), (4, 8), (4, 32)]:
-            loop.CYCLE_CHECK_EVERY, loop.CYCLE_HISTORY = every, history
+        for every, history in [(1, 16), (2, 16), (4, 16), (8, 16), (1, 4), (1, 8), (1, 32)]:
+            slots.CHECK_EVERY["cpu"], slots.CYCLE_HISTORY = every, history
             atk = {"cycle exit": fastadv.PGD(counter, eps=eps, alpha=alpha, steps=steps, cycle_exit=True)}
             m = measure(counter, x, y, atk, repeats=repeats, clock=clock, seed=seed)["cycle exit"]
             out.append({"check_every": every, "history": history, "ms": m["ms"], "grads": m["grads"]})
     finally:
-        loop.CYCLE_CHECK_EVERY, loop.CYCLE_HISTORY = saved
+        slots.CHECK_EVERY["cpu"], slots.CYCLE_HISTORY = saved
     return out
 
 

@@ -48,6 +48,10 @@ class Attack:
             The defaults are exact mode: the reference's results.
     """
 
+    # True for the attacks that take engine.batch_size themselves and run on fixed-shape slots
+    # (fastadv.slots); the others are called chunk by chunk.
+    runs_on_slots = False
+
     def __init__(self, name: str, model: nn.Module, backend: Optional[str] = None,
                  **engine: Unpack[EngineKwargs]) -> None:
         self._check_keywords(engine)
@@ -317,7 +321,7 @@ class Attack:
             index = torch.arange(x.shape[0])
             adv = chunked(
                 lambda xc, idx: self.forward(xc, labels[idx] if labels is not None else None, *args, **kwargs),
-                x, index, self.engine.batch_size,
+                x, index, None if self.runs_on_slots else self.engine.batch_size,
             )
             return finite_or_clean(adv, x.to(adv.device)) if isinstance(adv, torch.Tensor) else adv
 

@@ -291,7 +291,8 @@ def cmd_eval(args):
         model = _with_normalization(model, norm).to(device).eval()
         _check_labels(source.labels, _probe_classes(model, source, device), args.data)
         report = evaluate(model, source, specs, eps=args.eps, batch_size=args.batch_size, state_path=args.state,
-                          seed=args.seed, progress=not args.quiet, log=lambda m: _print(m, args.quiet))
+                          seed=args.seed, progress=not args.quiet, log=lambda m: _print(m, args.quiet),
+                          exits=not args.no_exits)
         report.update({"data": args.data, "checkpoint": args.checkpoint, "model": spec, "normalize": norm,
                        "workers": args.workers,
                        "state": args.state, "device": str(device), "torch": torch.__version__})
@@ -479,6 +480,8 @@ def build_parser():
     e.add_argument("--state", help="resumable state file: created, resumed if it matches, refused otherwise")
     e.add_argument("--plots", metavar="DIR", help="also write DIR/robust_vs_eps.png (each attack alone at "
                    "eps x [0, 1/4, 1/2, 3/4, 1]) and DIR/adversarial_examples.png")
+    e.add_argument("--no-exits", action="store_true",
+                   help="run every point's attack to its last step (the same flags; for comparing the exits' cost)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="train plain and PGD-AT models on digits, evaluate, time against torchattacks",

@@ -1,6 +1,8 @@
 """The attack loop's machinery: engine options, model state handling, input-only gradients."""
 import contextlib
+import copy
 import dataclasses
+import warnings
 from typing import Optional
 
 import torch
@@ -33,27 +35,32 @@ class EngineOptions:
         convolutions, best with a model converted to channels_last too).
     early_stop: samples that already fool the model stop being attacked; each
         returns the first iterate that fooled it (changes the returned tensors).
-    batch_size: attack at most this many samples at once; when an allocation fails (CUDA or CPU
-        out of memory) the chunk is halved and the run goes on.
+    batch_size: attack at most this many samples at once. PGD, BIM, RFGSM, TPGD, APGD and
+        APGD-T run on batch_size fixed-shape slots (fastadv.slots): a sample that is done
+        leaves its slot and the next one takes it, every model call has the shape
+        [batch_size, ...], and the random draws are made for the whole batch as the
+        reference makes them. The other attacks run chunk by chunk; when an allocation fails
+        (CUDA or CPU out of memory) the chunk is halved and the run goes on.
     cuda_graph: capture one step as a CUDA graph and replay it (CUDA tensors, Triton
         backend, no early stopping). None (automatic) leaves it off: each call captures
         its own graph, and on an H200 that capture cost more than the replays saved at
         PGD-10 (ResNet-18 batch 256: 94.9 ms with the graph, 74.7 ms eager; small CNN
         batch 1024 likewise slower; `python -m benchmarks.diag_input_grad`).
-    cycle_exit: exact early exit for the deterministic sign-step attacks (PGD, RFGSM,
-        TPGD): a sample whose iterate repeats an earlier one leaves the batch with the
-        final iterate its cycle implies; the returned tensor is bit-identical to the run
-        without it, with fewer gradient evaluations (fastadv.loop.run_cycle_exit). True,
-        False, or None: automatic, on in exact mode for eager runs (CPU) of at least
-        CYCLE_MIN_STEPS steps, where it is measured to pay; off on CUDA, where cuBLAS/cuDNN
-        may pick other kernels for a smaller batch (measured on an H200).
-        It is exact only when each sample's next iterate depends on that sample's iterate
-        alone, so it is off, whatever this says, when that cannot hold: a model with
-        modules in training mode (dropout draws, batch statistics mix samples), EOT and
-        other attacks with randomness in each step, and early_stop; None also leaves it
-        off for a model that is a plain function (its modes cannot be seen). It also
-        assumes the model's kernels give a sample the same bits whatever the batch size,
-        as PyTorch's CPU kernels did on every model tested (tests/test_cycle_exit.py).
+    cycle_exit: exact early exit for the deterministic sign-step attacks (PGD, BIM, RFGSM,
+        TPGD): a sample whose iterate repeats an earlier one, bit for bit, leaves its slot with
+        the final iterate its cycle implies; the returned tensor is bit-identical to the run
+        without it, with fewer gradient evaluations (fastadv.slots.CycleWatch). It runs on
+        slots, so every model call keeps its shape and no sample's numbers depend on who
+        left: exact on any device. True, False, or None: automatic, on wherever the attack
+        runs on slots (batch_size below the batch), and, on the CPU, for runs of at least
+        CYCLE_MIN_STEPS steps without batch_size, on slots of auto_slot_count(N) (PyTorch's CPU
+        kernels give a sample the same bits at any batch of 8 or more, tests/test_slots.py,
+        so the result still equals the reference's whole-batch run). It is exact only when
+        each sample's next iterate depends on that sample's iterate alone, so it is off,
+        whatever this says, when that cannot hold: a model with modules in training mode
+        (dropout draws, batch statistics mix samples; a warning names the module), EOT and
+        other attacks with randomness in each step, and early_stop; None also leaves it off
+        for a model that is a plain function (its modes cannot be seen).
     fast: shorthand for precision='bf16' and channels_last=True.
     """
 
@@ -83,8 +90,25 @@ class EngineOptions:
             return False
         return bool(self.cuda_graph)
 
-    def use_cycle_exit(self, x: torch.Tensor, backend_name: str, steps: int, model, deterministic=True) -> bool:
-        """Whether this run uses the exact early exit (see cycle_exit above).
+    def slot_count(self, n: int, steps: int, device, model):
+        """The number of slots an iterative attack on n samples runs on, or None for one plain batch.
+
+        batch_size below n: batch_size slots. Otherwise slots only where the cycle exit runs:
+        the whole batch (batch_size given: the reference's shape, and the run ends once every
+        sample has settled), or auto_slot_count(n) (cycle_exit True, or automatic on the CPU).
+        """
+        if self.batch_size is not None and self.batch_size < n:
+            return self.batch_size
+        if self.early_stop or self.cycle_exit is False or not self.use_cycle_exit(model, quiet=True):
+            return None
+        if self.batch_size is not None:
+            return n
+        auto = (self.cycle_exit is None and self.precision is None and steps >= CYCLE_MIN_STEPS
+                and torch.device(device).type == "cpu" and attacked_module(model) is not None)
+        return min(n, auto_slot_count(n)) if self.cycle_exit or auto else None
+
+    def use_cycle_exit(self, model, deterministic=True, quiet=False) -> bool:
+        """Whether a run on slots takes the exact cycle exit (see cycle_exit above).
 
         model: the attacked nn.Module, or the attack's forward (an Attack's bound get_logits).
         deterministic: False for attacks with randomness in each step (EOT).
@@ -92,14 +116,15 @@ class EngineOptions:
         if self.cycle_exit is False or self.early_stop or not deterministic:
             return False
         module = attacked_module(model)
-        if module is not None and any(m.training for m in module.modules()):
+        if module is None:
+            return bool(self.cycle_exit)
+        training = training_module(module)
+        if training is not None:
+            if self.cycle_exit and not quiet:
+                warnings.warn(f"fastadv: cycle_exit is off: {training} is in training mode, so a sample's "
+                              "next iterate may depend on the rest of the batch", stacklevel=4)
             return False
-        if self.cycle_exit:
-            return True
-        # CPU only: on CUDA a sample's logits change with the batch it is in (cuDNN/cuBLAS pick
-        # other kernels; benchmarks/results/batch_invariance_h200.md), so leaving would not be exact
-        auto = module is not None and self.precision is None and steps >= CYCLE_MIN_STEPS and x.device.type == "cpu"
-        return auto and not self.use_graph(x, backend_name)
+        return True
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         """x in the memory format the attack runs in."""
@@ -109,6 +134,27 @@ class EngineOptions:
 
 
 EXACT = EngineOptions()
+
+def auto_slot_count(n: int) -> int:
+    """The slots of the automatic cycle exit (CPU, no batch_size) for n samples: a quarter of
+    the batch, at least AUTO_SLOTS_MIN (measured: benchmarks/bench_slots.py)."""
+    return max(AUTO_SLOTS_MIN, -(-n // 4))
+
+
+AUTO_SLOTS_MIN = 32
+
+
+def training_module(module):
+    """The module in training mode that makes a sample depend on the others (a BatchNorm's batch
+    statistics, a Dropout's draws), named like 'features.3 (BatchNorm2d)'; else the first module
+    in training mode; None when every module is in eval mode."""
+    training = [(name, m) for name, m in module.named_modules() if m.training]
+    if not training:
+        return None
+    mixing = [(n, m) for n, m in training if "Norm" in type(m).__name__ or "Dropout" in type(m).__name__]
+    name, m = (mixing or training)[0]
+    return f"{name or 'the model'} ({type(m).__name__})"
+
 
 # cycle_exit=None turns the exit on from this many steps: iterates settle into cycles after
 # about 20 steps at the earliest (measured on the digits CNN), so shorter runs only pay the checks.
@@ -179,10 +225,11 @@ class CrossEntropyGradient:
 
     precision ('bf16' or 'fp16', fast mode) runs forward and backward under autocast;
     the loss is then summed rather than averaged so fp16 gradients do not underflow
-    (sign and normalized steps do not depend on the scale).
+    (sign and normalized steps do not depend on the scale). scale: average over this many
+    samples whatever the rows' count (fixed-shape slots keep one scale).
     """
 
-    def __init__(self, forward, labels: torch.Tensor, targeted: bool = False, precision=None):
+    def __init__(self, forward, labels: torch.Tensor, targeted: bool = False, precision=None, scale=None):
         self.forward = forward
         self.labels = labels
         self.targeted = targeted
@@ -190,7 +237,9 @@ class CrossEntropyGradient:
         self.reduction = "mean" if self.autocast is None else "sum"
         self.last_logits = None
         self._checked = False
-        self._batch = None  # set once early stopping drops samples: the original batch size
+        # the mean's batch size when it is not the rows' count: set once early stopping drops
+        # samples, or given as scale (slots: the loss of a batch of `scale` samples)
+        self._batch = float(scale) if scale is not None and self.reduction == "mean" else None
 
     def logits(self, adv: torch.Tensor) -> torch.Tensor:
         out = self.forward(adv)
@@ -220,6 +269,21 @@ class CrossEntropyGradient:
         pred = self.last_logits.argmax(1)
         return pred == self.labels if self.targeted else pred != self.labels
 
+    def per_sample(self) -> dict:
+        """The per-sample inputs of this gradient (fastadv.slots loads them into slot rows)."""
+        return {"labels": self.labels}
+
+    def on_slots(self, buffers: dict) -> "CrossEntropyGradient":
+        """This gradient on slot buffers: labels read from buffers['labels'] at every call, and
+        the loss keeps this batch's reduction scale (1/N of its mean) whatever the slot count, so
+        each sample's gradient is the one it gets in the whole batch."""
+        slotted = copy.copy(self)
+        slotted.labels = buffers["labels"]
+        slotted._checked = False
+        if self.reduction == "mean":
+            slotted._batch = float(self.labels.shape[0]) if self._batch is None else self._batch
+        return slotted
+
     def keep(self, mask: torch.Tensor) -> None:
         """Drop the samples where mask is False (early stopping)."""
         if self._batch is None and self.reduction == "mean":
@@ -227,7 +291,7 @@ class CrossEntropyGradient:
         self.labels = self.labels[mask]
 
 
-def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy_images=True, **kwargs):
+def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy_images=True, slots=False, **kwargs):
     """Validate, copy the inputs to the model's device, guard the model, run core.
 
     core(model, x, y, engine=..., **kwargs) is an attack loop on inputs it may own.
@@ -235,7 +299,8 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy
     model's device are not copied (a full read and write of the batch saved).
     budgets names the kwargs that may be per-sample [N] tensors (validated, moved to
     the device as fp32). engine: an EngineOptions or a dict of its fields; its
-    batch_size chunks the run (per-sample budgets are chunked alongside).
+    batch_size chunks the run (per-sample budgets are chunked alongside), unless slots: the
+    core then takes batch_size itself (fixed-shape slots, fastadv.slots).
     """
     from fastadv.loop import chunked
 
@@ -259,7 +324,7 @@ def run_functional(core, model, images, labels, *, budgets=(), engine=None, copy
         return core(model, xc, y[idx], engine=engine, **chunk_kwargs)
 
     with model_guard(model):
-        return finite_or_clean(chunked(run_chunk, x, index, engine.batch_size), x)
+        return finite_or_clean(chunked(run_chunk, x, index, None if slots else engine.batch_size), x)
 
 
 def finite_or_clean(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

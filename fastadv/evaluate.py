@@ -1,36 +1,39 @@
-"""Robust-accuracy evaluation over a dataset: cascade, sharding, resumable state.
+"""Robust-accuracy evaluation over a dataset: cascade, fixed-shape slots, sharding, resumable state.
 
 ``evaluate(model, x, y, ["pgd-50", "apgd-ce", ...], eps=...)`` runs the attacks as a
 cascade: the clean pass first, then each attack only on the points that are still
-robust after the ones before it. A point is robust after attack k if the model
-still classifies its adversarial example correctly.
+robust after the ones before it. A point is fooled by an iterative attack when any of its
+iterates fooled the model (APGD's and AutoAttack's rule), by the others when the model
+misclassifies the adversarial example they return (fastadv.stages).
 
-Work units are fixed batches of the dataset (indices [b*B, (b+1)*B)), and before
-each (attack, batch) unit the RNG is seeded from (seed, attack index, batch index).
-A unit's result therefore depends on nothing but the unit, which gives:
+Each stage takes the points the stage before left robust, in order, as units of
+batch_size (the chunks the original AutoAttack makes), every unit seeded from (seed,
+stage, unit). PGD, APGD, APGD-T and AutoAttack's APGD stages run on batch_size fixed-shape
+slots (fastadv.slots): a point leaves its slot once it is fooled, or, for PGD, once its
+iterates cycle, and the next point takes the slot; every model call has the shape
+[batch_size, ...]. The flags are those of the same slots without exits (``exits=False``,
+``fastadv eval --no-exits``), bit for bit, on any device where a sample's numbers depend on
+the batch's shape and not on the other samples (PyTorch's CPU kernels; CUDA: see
+``benchmarks/gpu.sh``). A point's result depends only on its unit, which gives:
 
-- sharding: under torch.distributed the units of each attack are dealt out
-  round-robin to the ranks (no sample is processed twice, no padding), and the
-  per-sample flags are all-gathered after each round, so every rank holds the same
-  state and the numbers equal a single process's with the same batch size;
-- resuming: after each round the state (per-sample robust flags after the clean
-  pass and after each attack, which units are done, and a fingerprint of model
-  weights, data, attack list, eps, batch size and seed) is written atomically
-  (temporary file + os.replace). Rerun with the same arguments, the evaluation
-  skips the finished units and ends with exactly the numbers of an uninterrupted
-  run. A state file of another evaluation, or one that is corrupt or truncated,
-  raises StateFileError and is left as it is.
+- sharding: under torch.distributed the units of each stage are dealt out round-robin to
+  the ranks, each rank streams its own through its slots, and the flags are all-gathered
+  after each round of units, so every rank holds the same state and the report equals a
+  single process's at any world size;
+- resuming: the state (per sample, its robust flag after the clean pass and after each
+  stage and whether that stage is done with it, and a fingerprint of model weights, data,
+  attack list, eps, batch size and seed) is written atomically (temporary file +
+  os.replace) as units finish. Rerun with the same arguments, the evaluation skips the
+  finished units and ends with exactly the numbers of an uninterrupted run. A state file
+  of another evaluation, or one that is corrupt or truncated, raises StateFileError and is
+  left as it is.
 
 Attack names: see ``ATTACKS``; iterative attacks take a ``-N`` suffix for their
-steps (``pgd-50``, ``apgd-ce-100``, ``square-1000`` queries). The cascade needs only
-the robust flags, so on the CPU APGD, APGD-T and AutoAttack run with early_stop (a
-point leaves an APGD run once fooled: the same flags, fewer gradient evaluations; see
-fastadv.AutoAttack's early_stop); it is not part of an attack's params, since the
-flags, and so the evaluation, are those of the run without it. On CUDA it stays off:
-there a point's logits changed with the batch it was in (measured on an H200, see
-benchmarks/results/batch_invariance_h200.md), so dropping points could move the others. Names resolve to the
-fastadv attack classes that exist in this build; one that does not exist yet is
-an AttackUnavailable error, raised before any work.
+steps (``pgd-50``, ``apgd-ce-100``, ``square-1000`` queries). ``autoattack`` runs the
+original's standard version as four stages (its APGD-CE, APGD-T, FAB-T and Square, every
+chunk seeded with 0): its per-sample flags are the original's at the same chunk size.
+Names resolve to the fastadv attack classes that exist in this build; one that does not
+exist yet is an AttackUnavailable error, raised before any work.
 """
 import hashlib
 import json
@@ -45,6 +48,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from fastadv import slots
 from fastadv.data import DataError, as_source, check_batch, split_data_args
 from fastadv.engine import model_device, model_guard
 from fastadv.hints import Data, Model, PathLike
@@ -54,7 +58,7 @@ from fastadv.runstate import (  # noqa: F401  (atomic_*, data_digest, progress_b
     model_digest, progress_bar, read_state_file, tensor_digest)
 
 STATE_FORMAT = "fastadv-eval-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: flags and done per sample and stage (1: done per dataset batch)
 
 
 class EvaluationError(ValueError):
@@ -70,12 +74,15 @@ class AttackUnavailable(EvaluationError):
 @dataclass(frozen=True)
 class AttackSpec:
     """An attack of the cascade: build(model, eps, n_classes) returns a callable
-    (images, labels) -> adversarial images. params enter the fingerprint."""
+    (images, labels) -> adversarial images. params enter the fingerprint. key and steps name
+    one of ATTACKS (a spec made by attack_spec); a spec of your own runs unit by unit."""
 
     name: str
     norm: str
     build: Callable
     params: dict = field(default_factory=dict)
+    key: str = None
+    steps: int = None
 
 
 def fastadv_attack(class_name: str):
@@ -99,17 +106,17 @@ ATTACKS = {
     "pgd": ("PGD", "Linf", 20, "steps", {"random_start": True}),
     "pgdl2": ("PGDL2", "L2", 20, "steps", {"random_start": True}),
     "mifgsm": ("MIFGSM", "Linf", 10, "steps", {"decay": 1.0}),
-    "apgd-ce": ("APGD", "Linf", 100, "steps", {"norm": "Linf", "loss": "ce", "n_restarts": 1, "seed": 0}),
-    "apgd-dlr": ("APGD", "Linf", 100, "steps", {"norm": "Linf", "loss": "dlr", "n_restarts": 1, "seed": 0}),
-    "apgd-t": ("APGDT", "Linf", 100, "steps", {"norm": "Linf", "n_restarts": 1, "n_classes": None, "seed": 0}),
+    "apgd-ce": ("APGD", "Linf", 100, "steps", {"norm": "Linf", "loss": "ce", "n_restarts": 1}),
+    "apgd-dlr": ("APGD", "Linf", 100, "steps", {"norm": "Linf", "loss": "dlr", "n_restarts": 1}),
+    "apgd-t": ("APGDT", "Linf", 100, "steps", {"norm": "Linf", "n_restarts": 1, "n_classes": None}),
     "fab": ("FAB", "Linf", 100, "steps", {"norm": "Linf", "n_restarts": 1, "multi_targeted": True, "n_classes": None, "seed": 0}),
     "square": ("Square", "Linf", 5000, "n_queries", {"norm": "Linf", "n_restarts": 1, "seed": 0}),
     "autoattack": ("AutoAttack", "Linf", None, None, {"norm": "Linf", "version": "standard", "n_classes": None, "seed": 0}),
+    "autoattack-l2": ("AutoAttack", "L2", None, None, {"norm": "L2", "version": "standard", "n_classes": None, "seed": 0}),
 }
 _STEP_ALPHA = {"pgd", "pgdl2", "mifgsm"}  # alpha = 2.5 * eps / steps (Madry et al.'s rule)
-# Attacks whose flags early_stop leaves unchanged (a point is robust when no APGD iterate fooled
-# it); PGD's flag is its final iterate's, which early stopping would change, so PGD is not here.
-_FLAGS_ONLY_EARLY_STOP = {"apgd-ce", "apgd-dlr", "apgd-t", "autoattack"}
+FOOLED_RULE = ("any iterate: PGD, APGD, APGD-T and AutoAttack's APGD stages flag a point fooled when any of "
+               "their iterates fooled it; the other attacks when the model misclassifies their result")
 
 
 def attack_spec(name) -> AttackSpec:
@@ -146,14 +153,28 @@ def attack_spec(name) -> AttackSpec:
             call["n_classes"] = n_classes
         if key in _STEP_ALPHA:
             call["alpha"] = 2.5 * eps / steps
-        if key in _FLAGS_ONLY_EARLY_STOP and model_device(model, torch.device("cpu")).type == "cpu":
-            call["early_stop"] = True
         try:
             return fastadv_attack(class_name)(model, **call)
         except TypeError as e:
             raise EvaluationError(f"fastadv.{class_name} does not accept {sorted(call)}: {e}") from None
 
-    return AttackSpec(canonical, norm, build, params)
+    return AttackSpec(canonical, norm, build, params, key=key, steps=steps)
+
+
+def spec_stages(spec: AttackSpec, eps) -> list:
+    """The stages (fastadv.stages) an attack of the cascade runs as."""
+    from fastadv import stages
+
+    if spec.key == "pgd":
+        return [stages.pgd_stage(spec.name, eps, spec.steps, 2.5 * eps / spec.steps)]
+    if spec.key in ("apgd-ce", "apgd-dlr", "apgd-t"):
+        loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[spec.key]
+        return [stages.apgd_stage(spec.name, spec.name, norm=spec.norm, eps=eps, steps=spec.steps, loss=loss)]
+    if spec.key in ("autoattack", "autoattack-l2"):
+        p = spec.params  # steps and n_queries: the original's unless a spec overrides them
+        return stages.autoattack_stages(spec.name, norm=spec.norm, eps=eps, version=p["version"], seed=p["seed"],
+                                        steps=p.get("steps"), n_queries=p.get("n_queries"))
+    return [stages.unit_stage(spec.name, spec.name, spec.norm, lambda model, n_classes: spec.build(model, eps, n_classes))]
 
 
 def available_attacks():
@@ -185,8 +206,9 @@ def _checksum(fingerprint: str, flags: torch.Tensor, done: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def load_state(path, description: dict, n_units: int, n_samples: int, n_batches: int):
-    """The (flags, done) of a state file written by this same evaluation.
+def load_state(path, description: dict, n_stages: int, n_samples: int):
+    """The (flags, done) of a state file written by this same evaluation: [n_stages, n_samples]
+    bool each (done: the stage has finished with the sample).
 
     Raises StateFileError, leaving the file untouched, if it cannot be read, is not
     a fastadv evaluation state, fails its checksum, or has another fingerprint.
@@ -205,60 +227,59 @@ def load_state(path, description: dict, n_units: int, n_samples: int, n_batches:
         raise StateFileError(
             f"state file {path} belongs to another evaluation ("
             + ("; ".join(diffs) if diffs else "different fingerprint") + f"); {hint}")
-    if tuple(flags.shape) != (n_units, n_samples) or tuple(done.shape) != (n_units, n_batches):
+    if tuple(flags.shape) != (n_stages, n_samples) or tuple(done.shape) != (n_stages, n_samples):
         raise StateFileError(f"state file {path} has flags {tuple(flags.shape)} and done {tuple(done.shape)}, expected "
-                             f"{(n_units, n_samples)} and {(n_units, n_batches)}; {hint}")
+                             f"{(n_stages, n_samples)} each; {hint}")
     return flags, done
-
-
-def _unit_seed(seed, k, b):
-    digest = hashlib.sha256(f"fastadv-eval/{seed}/{k}/{b}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 # -- the evaluation ------------------------------------------------------------------------
 
-def _check_adversarial(spec, adv, x, eps):
+# Under torch.distributed, each rank runs this many of its units through its slots between two
+# exchanges of flags (a round); one process runs a whole stage as one stream.
+ROUND_UNITS = 8
+
+
+def _check_adversarial(name, norm, adv, x, eps):
     """The attack kept to its threat model: inside [0, 1] and the eps-ball (with float slack)."""
     if adv.shape != x.shape:
-        raise EvaluationError(f"attack {spec.name} returned shape {tuple(adv.shape)} for inputs {tuple(x.shape)}")
+        raise EvaluationError(f"attack {name} returned shape {tuple(adv.shape)} for inputs {tuple(x.shape)}")
     d = (adv.float() - x.float()).flatten(1)
-    dist = d.abs().amax(1) if spec.norm == "Linf" else d.norm(dim=1)
+    dist = d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
     worst = dist.max().item() if len(d) else 0.0
     lo, hi = (adv.min().item(), adv.max().item()) if adv.numel() else (0.0, 1.0)
     if not math.isfinite(worst) or worst > eps * (1 + 1e-5) + 1e-6 or lo < -1e-6 or hi > 1 + 1e-6:
-        raise EvaluationError(f"attack {spec.name} returned points outside its threat model "
-                              f"({spec.norm} distance {worst:.6g} for eps {eps}, values in [{lo:.4g}, {hi:.4g}])")
-
-
-def _still_correct(model, attack, spec, x, y, eps, device):
-    """Per sample: does the model still classify the attack's adversarial example correctly?"""
-    x, y = x.to(device), y.to(device)
-    adv = attack(x, y)
-    _check_adversarial(spec, adv, x, eps)
-    with torch.no_grad():
-        return (model(adv).argmax(1) == y).cpu()
+        raise EvaluationError(f"attack {name} returned points outside its threat model "
+                              f"({norm} distance {worst:.6g} for eps {eps}, values in [{lo:.4g}, {hi:.4g}])")
 
 
 def evaluate(model: Model, data: Data, *args: Union[torch.Tensor, Sequence[Union[str, AttackSpec]]], eps: float,
              batch_size: Optional[int] = None, state_path: Optional[PathLike] = None, seed: int = 0,
-             progress: bool = False, log: Optional[Callable[[str], object]] = None) -> dict:
+             progress: bool = False, log: Optional[Callable[[str], object]] = None, exits: bool = True) -> dict:
     """Robust accuracy of model on data under the cascade of attacks; returns a report dict.
 
     ``evaluate(model, data, attacks, eps=...)``, data a DataLoader, a map-style Dataset
-    or an (images, labels) pair (see fastadv.data); today's ``evaluate(model, x, y,
-    attacks, eps=...)`` works as well. model: classifier on inputs in [0, 1] returning
-    logits; it is evaluated in eval mode (restored after) on its own device; batches
-    move there. attacks: names (see ATTACKS) or AttackSpec objects. eps: the budget in
-    each attack's norm. batch_size: the work unit (default: a DataLoader's batch size,
-    else 128); the same batch size gives the same numbers for any form of the same
-    data. state_path: the resumable state file (created, resumed, or refused; see the
-    module docs). Under torch.distributed every rank passes the same arguments, reads
-    only the batches dealt to it and gets the same report; only rank 0 writes the
-    state file. A streamed batch with images outside [0, 1] or labels outside the
-    model's classes raises EvaluationError naming the batch; under torch.distributed
-    a rank whose batch fails stops every rank in the same round (the others raise
+    or an (images, labels) pair (see fastadv.data); ``evaluate(model, x, y, attacks,
+    eps=...)`` works as well. model: classifier on inputs in [0, 1] returning logits; it
+    is evaluated in eval mode (restored after) on its own device; batches move there.
+    attacks: names (see ATTACKS) or AttackSpec objects. eps: the budget in each attack's
+    norm. batch_size: the unit, and the slot count of the slot stages (default: a
+    DataLoader's batch size, else 128); the same batch size gives the same numbers for any
+    form of the same data. exits: let points leave their slots once fooled (or, in PGD,
+    once their iterates cycle); False runs the same slots to the end, with the same flags.
+    state_path: the resumable state file (created, resumed, or refused; see the module
+    docs). Under torch.distributed every rank passes the same arguments, reads only the
+    units dealt to it and gets the same report; only rank 0 writes the state file. A
+    streamed batch with images outside [0, 1], labels outside the model's classes or the
+    wrong shape raises EvaluationError naming the batch; under torch.distributed a rank
+    whose unit fails stops every rank at the end of the round (the others raise
     EvaluationError naming that rank and batch) instead of leaving them waiting.
+
+    The report: counts and accuracies per attack, the per-sample robust flags, and for each
+    stage its time, model calls (forwards and gradient evaluations, padding slots
+    counted), gradient evaluations per attacked point and, for the slot stages, the slots'
+    occupancy (useful slot-steps over all, while points waited to be admitted and in the
+    tail after the last one was admitted).
     """
     data, args = split_data_args(data, args, "evaluate")
     if len(args) != 1:
@@ -269,189 +290,302 @@ def evaluate(model: Model, data: Data, *args: Union[torch.Tensor, Sequence[Union
         raise EvaluationError(f"attack list has duplicates: {names}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise EvaluationError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(exits, bool):
+        raise EvaluationError(f"exits must be True or False, got {exits!r}")
     try:
         source = as_source(data, "evaluate's data")
     except DataError as e:
         raise EvaluationError(str(e)) from None
-    batch_size = batch_size or source.batch_size or 128
-    if batch_size < 1:
-        raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = batch_size if batch_size is not None else (source.batch_size or 128)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvaluationError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not source.streamed:
         _check_tensors(source.x, source.y)
-    n, n_units = len(source), len(specs) + 1
+    n = len(source)
     if n == 0:
         raise EvaluationError("the dataset is empty")
+    stages = [st for spec in specs for st in spec_stages(spec, eps)]
     model = attack_view(model)  # a DDP-wrapped model is attacked through its module
     rank, world = dist_info()
     device = model_device(model, source.x.device if not source.streamed else torch.device("cpu"))
-    n_batches = math.ceil(n / batch_size)
     log = log or (lambda msg: None)
-
-    def read(index_lists, n_classes, k):
-        """This rank's batches of unit k, checked (a streamed batch is validated as it arrives)."""
-        for idx, (xb, yb) in zip(index_lists, source.batches(index_lists)):
-            if source.streamed:
-                where = f"batch of samples {int(idx[0])}..{int(idx[-1])} ({'clean pass' if k == 0 else specs[k - 1].name})"
-                check_batch(xb, yb, n_classes, where, EvaluationError)
-            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True).long()
+    run = _Run(model, source, stages, eps=eps, batch_size=batch_size, seed=seed, exits=exits, device=device,
+               rank=rank, world=world)
 
     with model_guard(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        run.probe()
+        description = run.describe(specs, state_path)
+        flags, done, resumed = _open_state(state_path, description, len(stages) + 1, n, rank, world)
+        if resumed:
+            log(f"resuming from {state_path}: {int(done.all(1).sum())}/{len(stages) + 1} stages done")
+        writer = _StateWriter(state_path, description, flags, done, enabled=rank == 0)
+        if not resumed:
+            writer.save()
+        bar = progress_bar(None, enabled=progress and rank == 0, desc="eval", unit="unit")
+        t_start = time.perf_counter()
+        for k in range(len(stages) + 1):
+            bar.set_description("clean" if k == 0 else stages[k - 1].name)
+            run.stage(k, flags, done, writer, bar)
+        bar.close()
+        wall = time.perf_counter() - t_start
+    return run.report(specs, flags, wall, description["fingerprint"], resumed)
+
+
+def _open_state(state_path, description, n_stages, n, rank, world):
+    """(flags, done, resumed): a state file of this evaluation, read by rank 0 and shared."""
+    loaded = None
+    if rank == 0 and state_path is not None and os.path.exists(state_path):
+        try:
+            loaded = load_state(state_path, description, n_stages, n)
+        except StateFileError as e:
+            loaded = e
+    if world > 1:
+        loaded = broadcast_object(loaded)
+    if isinstance(loaded, StateFileError):
+        raise loaded
+    if loaded is not None:
+        return loaded[0], loaded[1], True
+    return torch.zeros(n_stages, n, dtype=torch.bool), torch.zeros(n_stages, n, dtype=torch.bool), False
+
+
+class _StateWriter:
+    def __init__(self, path, description, flags, done, enabled):
+        self.path, self.description, self.flags, self.done = path, description, flags, done
+        self.enabled = enabled and path is not None
+
+    def save(self):
+        if self.enabled:
+            fingerprint = self.description["fingerprint"]
+            atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": fingerprint,
+                         "description": self.description, "flags": self.flags, "done": self.done,
+                         "checksum": _checksum(fingerprint, self.flags, self.done)}, self.path)
+
+
+class _Run:
+    """One evaluation's stages over one data source: the clean pass, then each stage's units."""
+
+    def __init__(self, model, source, stages, *, eps, batch_size, seed, exits, device, rank, world):
+        from fastadv.calls import CallCounter
+
+        self.model, self.source, self.stages = model, source, stages
+        self.eps, self.size, self.seed, self.exits = eps, batch_size, seed, exits
+        self.device, self.rank, self.world = device, rank, world
+        self.counter = CallCounter(model)  # every model call of the attacks, padding slots counted
+        self.records = [{"seconds": 0.0, "forwards": 0, "backwards": 0, "attacked": 0, "slots": None}
+                        for _ in range(len(stages) + 1)]
+        self.n_classes = None
+
+    # -- before the stages -------------------------------------------------------------------
+
+    def probe(self):
+        """The model's class count, from one sample; the labels' range for tensor data."""
+        source = self.source
         first_x, first_y = next(iter(source.batches([[0]])))
         if source.streamed:
             check_batch(first_x, first_y, None, "the first sample", EvaluationError)
         with torch.no_grad():
-            probe = model(first_x.to(device))
-        if probe.dim() != 2:
-            raise EvaluationError(f"the model must return logits [N, C], got shape {tuple(probe.shape)}")
-        n_classes = probe.shape[1]
+            out = self.model(first_x.to(self.device))
+        if out.dim() != 2:
+            raise EvaluationError(f"the model must return logits [N, C], got shape {tuple(out.shape)}")
+        self.n_classes = out.shape[1]
         if not source.streamed:
             lo, hi = source.y.min().item(), source.y.max().item()
-            if lo < 0 or hi >= n_classes:
-                raise EvaluationError(f"labels must lie in [0, {n_classes - 1}] for a model with {n_classes} classes, "
-                                      f"got labels in [{lo}, {hi}]")
-        # rank 0 identifies the data (a dataset without its own fingerprint is read whole,
-        # and only when there is a state file to check); the other ranks read only their shards
+            if lo < 0 or hi >= self.n_classes:
+                raise EvaluationError(f"labels must lie in [0, {self.n_classes - 1}] for a model with "
+                                      f"{self.n_classes} classes, got labels in [{lo}, {hi}]")
+
+    def describe(self, specs, state_path):
+        """The evaluation's description and fingerprint (rank 0 identifies the data; a data set
+        without its own fingerprint is read whole, and only when there is a state file to check)."""
         data_id = None
-        if rank == 0:
+        if self.rank == 0:
             try:
-                data_id = source.identity(read=state_path is not None)
+                data_id = self.source.identity(read=state_path is not None)
             except Exception as e:  # a data set read whole can fail on rank 0 alone: every rank raises it
-                if world == 1:
+                if self.world == 1:
                     raise
                 data_id = e
-        if world > 1:
+        if self.world > 1:
             data_id = broadcast_object(data_id)
             if isinstance(data_id, Exception):
                 raise data_id
         description = {
-            "attacks": names, "eps": float(eps), "batch_size": int(batch_size), "seed": int(seed), "n": int(n),
-            "model_sha256": model_digest(model), "data_sha256": data_id,
-            "params": [json.dumps(s.params, sort_keys=True, default=str) for s in specs],
+            "attacks": [s.name for s in specs], "eps": float(self.eps), "batch_size": int(self.size),
+            "seed": int(self.seed), "n": int(len(self.source)), "model_sha256": model_digest(self.model),
+            "data_sha256": data_id, "params": [json.dumps(s.params, sort_keys=True, default=str) for s in specs],
         }
         description["fingerprint"] = description_fingerprint(description)
-        fingerprint = description["fingerprint"]
+        return description
 
-        loaded = None
-        if rank == 0 and state_path is not None and os.path.exists(state_path):
-            try:
-                loaded = load_state(state_path, description, n_units, n, n_batches)
-            except StateFileError as e:
-                loaded = e
-        if world > 1:
-            loaded = broadcast_object(loaded)
-        if isinstance(loaded, StateFileError):
-            raise loaded
-        resumed = loaded is not None
-        if resumed:
-            flags, done = loaded
-            log(f"resuming from {state_path}: {int(done.sum())}/{done.numel()} units done")
-        else:
-            flags = torch.zeros(n_units, n, dtype=torch.bool)
-            done = torch.zeros(n_units, n_batches, dtype=torch.bool)
+    # -- one stage -----------------------------------------------------------------------------
 
-        def save():
-            if rank == 0 and state_path is not None:
-                atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": fingerprint,
-                             "description": description, "flags": flags, "done": done,
-                             "checksum": _checksum(fingerprint, flags, done)}, state_path)
-
-        if not resumed:
-            save()
-        seconds = [0.0] * n_units
-        total_rounds = sum(math.ceil(int((~done[k]).sum()) / world) for k in range(n_units))
-        bar = progress_bar(total_rounds, enabled=progress and rank == 0, desc="eval", unit="batch")
-        t_start, images = time.perf_counter(), 0
-        for k in range(n_units):
-            spec = specs[k - 1] if k else None
-            attack = None
-            remaining = [b for b in range(n_batches) if not done[k, b]]
-            bar.set_description("clean" if k == 0 else spec.name)
-            mine_all = remaining[rank::world]  # the units this rank works on, one per round
-
-            def todo(b):  # the samples of unit b this attack works on: all (clean pass) or the still robust
-                rows = torch.arange(b * batch_size, min((b + 1) * batch_size, n))
-                return rows if k == 0 else rows[flags[k - 1, rows]]
-
-            work = [(b, todo(b)) for b in mine_all]
-            batches = read([rows for _, rows in work if len(rows)], n_classes, k)
-            work = iter(work)
+    def stage(self, k, flags, done, writer, bar):
+        """Stage k (0: the clean pass) on the points robust after stage k - 1, unit by unit."""
+        stream = torch.arange(len(self.source)) if k == 0 else flags[k - 1].nonzero().flatten()
+        units = [(u, stream[lo:lo + self.size]) for u, lo in enumerate(range(0, len(stream), self.size))]
+        todo = [(u, idx) for u, idx in units if not bool(done[k, idx].all())]
+        if not units:
+            done[k] = True
+            return
+        mine = todo[self.rank::self.world]
+        rounds = [mine] if self.world == 1 else [mine[i:i + ROUND_UNITS] for i in range(0, len(mine), ROUND_UNITS)]
+        n_rounds = max(1, math.ceil(max(len(todo[r::self.world]) for r in range(self.world)) / ROUND_UNITS)) \
+            if self.world > 1 else 1
+        rec = self.records[k]
+        stage = self.stages[k - 1] if k else None
+        program = None
+        for r in range(n_rounds):
+            chunk = rounds[r] if r < len(rounds) else []
+            marks = self.counter.mark()
             t0 = time.perf_counter()
+            results, failure = [], None
 
-            def unit(mine):
-                """The per-sample flags of this rank's unit (batch mine) of attack k."""
-                nonlocal attack, images
-                b, rows = next(work)
-                lo = b * batch_size
-                if k == 0:
-                    xb, yb = next(batches)
-                    with torch.no_grad():
-                        result = (model(xb).argmax(1) == yb).cpu()
-                else:
-                    result = flags[k - 1, lo:min(lo + batch_size, n)].clone()
-                    if len(rows):
-                        xb, yb = next(batches)
-                        if attack is None:
-                            attack = spec.build(model, eps, n_classes)
-                        torch.manual_seed(_unit_seed(seed, k, mine))
-                        result[result.clone()] = _still_correct(model, attack, spec, xb, yb, eps, device)
-                images += len(rows)
-                return result
-
-            for r0 in range(0, len(remaining), world):
-                mine = remaining[r0 + rank] if r0 + rank < len(remaining) else None
-                if world == 1:
-                    batch_ids, results = [mine], [unit(mine)]
-                else:  # a rank that fails (a bad batch, say) tells the others, so that every rank stops
-                    failure, result = None, None
-                    try:
-                        result = None if mine is None else unit(mine)
-                    except Exception as e:
-                        failure = e
-                    batch_ids, results, failed = _gather_round(mine, result, batch_size, device, failure is not None)
-                    if failed:
-                        if failure is not None:
-                            raise failure
-                        r = failed[0]
-                        raise EvaluationError(f"rank {r} failed on batch {batch_ids[r]} "
-                                              f"({'clean pass' if k == 0 else spec.name}), so every rank stops; "
-                                              f"rank {r}'s error says why")
-                for b, res in zip(batch_ids, results):
-                    if b is None:
-                        continue
-                    flags[k, b * batch_size:b * batch_size + len(res)] = res
-                    done[k, b] = True
-                save()
+            def finished(unit, robust):
+                flags[k, unit.key[1]] = robust
+                done[k, unit.key[1]] = True
+                results.append((unit.key[1], robust))
                 bar.update(1)
-                bar.set_postfix_str(f"{images / max(time.perf_counter() - t_start, 1e-9):.0f} img/s")
-            seconds[k] += time.perf_counter() - t0
-        bar.close()
-        wall = time.perf_counter() - t_start
+                if self.world == 1:
+                    writer.save()
 
-    counts = flags.sum(1).tolist()
-    report = {
-        "n": n, "eps": float(eps), "batch_size": batch_size, "seed": seed, "world_size": world,
-        "n_classes": n_classes, "fingerprint": fingerprint, "resumed": resumed,
-        "clean": {"correct": counts[0], "accuracy": counts[0] / n, "seconds": seconds[0]},
-        "attacks": [
-            {"name": s.name, "norm": s.norm, "params": s.params, "robust": counts[k + 1],
-             "robust_accuracy": counts[k + 1] / n, "seconds": seconds[k + 1]}
-            for k, s in enumerate(specs)
-        ],
-        "robust": counts[-1], "robust_accuracy": counts[-1] / n,
-        "seconds": wall, "images_per_second": n / wall if wall > 0 else None,
-    }
-    if world > 1:  # seconds are per process; report the slowest rank
-        t = torch.tensor([*seconds, wall], dtype=torch.float64, device=comm_device(device))
+            try:
+                if k == 0:
+                    self._clean(chunk, finished)
+                elif stage.on_slots:
+                    if program is None:
+                        program = stage.program(self.counter, self.size, self.n_classes, self.exits)
+                    stats = slots.run(program, self._units(k, chunk), device=self.device,
+                                      on_unit_done=lambda unit: finished(unit, unit.results["robust"].cpu()))
+                    rec["slots"] = stats if rec["slots"] is None else rec["slots"].add(stats)
+                else:
+                    self._unit_by_unit(k, stage, chunk, finished)
+            except Exception as e:
+                if self.world == 1:
+                    raise
+                failure = (e, chunk[len(results)][1] if len(results) < len(chunk) else None)
+            rec["seconds"] += time.perf_counter() - t0
+            rec["forwards"] += self.counter.forwards - marks[0]
+            rec["backwards"] += self.counter.backwards - marks[1]
+            rec["attacked"] += sum(len(idx) for _, idx in chunk)
+            if self.world > 1:
+                self._exchange(k, results, failure, flags, done)
+                writer.save()
+        done[k] = True  # every unit of the stage has been run somewhere
+        writer.save()
+
+    def _units(self, k, chunk):
+        """The Units of a slot stage, read as the slots ask for them."""
+        stage = self.stages[k - 1]
+        for (u, idx), (xb, yb) in self._read(k, chunk):
+            data = {"x": xb, "y": yb}
+            yield slots.Unit(len(idx), data, key=(u, idx), seed=stage.seed(self.seed, k, u))
+
+    def _read(self, k, chunk):
+        """(unit, (images, labels)) for each unit of chunk, on the device, checked as they arrive."""
+        lists = [idx for _, idx in chunk]
+        batches = self.source.batches(lists)
+        for u, idx in chunk:
+            where = f"batch of samples {int(idx[0])}..{int(idx[-1])} ({'clean pass' if k == 0 else self.stages[k - 1].name})"
+            try:
+                xb, yb = next(batches)
+            except StopIteration:
+                raise EvaluationError(f"the data ended early: no data for the {where}") from None
+            if self.source.streamed or xb.shape[0] != len(idx):
+                check_batch(xb, yb, self.n_classes, where, EvaluationError)
+                if xb.shape[0] != len(idx):
+                    raise EvaluationError(f"the {where} has {xb.shape[0]} images, expected {len(idx)}")
+            yield (u, idx), (xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True).long())
+
+    def _clean(self, chunk, finished):
+        for (u, idx), (xb, yb) in self._read(0, chunk):
+            with torch.no_grad():
+                robust = (self.model(xb).argmax(1) == yb).cpu()
+            finished(slots.Unit(len(idx), key=(u, idx)), robust)
+
+    def _unit_by_unit(self, k, stage, chunk, finished):
+        attack = stage.attack(self.counter, self.n_classes)
+        for (u, idx), (xb, yb) in self._read(k, chunk):
+            torch.manual_seed(stage.seed(self.seed, k, u))
+            adv = attack(xb, yb)
+            _check_adversarial(stage.name, stage.norm, adv, xb, self.eps)
+            with torch.no_grad():
+                robust = (self.model(adv).argmax(1) == yb).cpu()
+            finished(slots.Unit(len(idx), key=(u, idx)), robust)
+
+    def _exchange(self, k, results, failure, flags, done):
+        """All ranks' results of a round (and whether one failed), so every rank holds the same state."""
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        report["clean"]["seconds"] = t[0].item()
-        for k, a in enumerate(report["attacks"]):
-            a["seconds"] = t[k + 1].item()
-        report["seconds"] = t[-1].item()
-        report["images_per_second"] = n / report["seconds"] if report["seconds"] > 0 else None
-    report["robust_flags"] = flags[-1]
-    return report
+        where = None if failure is None else (int(failure[1][0]), int(failure[1][-1])) if failure[1] is not None else ()
+        mine = ([(idx.tolist(), robust.tolist()) for idx, robust in results], where)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        for r, (rows, failed) in enumerate(gathered):
+            for idx, robust in rows:
+                flags[k, idx] = torch.tensor(robust, dtype=torch.bool)
+                done[k, idx] = True
+        failed = [r for r, (_, f) in enumerate(gathered) if f is not None]
+        if failed:
+            if failure is not None:
+                raise failure[0]
+            r = failed[0]
+            what = gathered[r][1]
+            batch = f"the batch of samples {what[0]}..{what[1]}" if what else "a batch"
+            raise EvaluationError(f"rank {r} failed on {batch} ({'clean pass' if k == 0 else self.stages[k - 1].name}), "
+                                  f"so every rank stops; rank {r}'s error says why")
+
+    # -- the report ------------------------------------------------------------------------------
+
+    def report(self, specs, flags, wall, fingerprint, resumed):
+        n = len(self.source)
+        recs = self.records
+        if self.world > 1:  # seconds are per process; report the slowest rank; calls are summed
+            import torch.distributed as dist
+
+            t = torch.tensor([r["seconds"] for r in recs] + [wall], dtype=torch.float64,
+                             device=comm_device(self.device))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            calls = torch.tensor([[r["forwards"], r["backwards"], r["attacked"]] for r in recs], dtype=torch.int64,
+                                 device=comm_device(self.device))
+            dist.all_reduce(calls)
+            for r, sec, (f, b, a) in zip(recs, t.tolist(), calls.tolist()):
+                r["seconds"], r["forwards"], r["backwards"], r["attacked"] = sec, f, b, a
+            wall = t[-1].item()
+        counts = flags.sum(1).tolist()
+
+        def stage_entry(k):
+            st, r = self.stages[k - 1], recs[k]
+            entry = {"name": st.name, "robust": counts[k], "attacked": r["attacked"], "seconds": r["seconds"],
+                     "forwards": r["forwards"], "backwards": r["backwards"],
+                     "gradients_per_sample": r["backwards"] / r["attacked"] if r["attacked"] else 0.0,
+                     "slots": r["slots"].as_dict() if r["slots"] is not None else None}
+            return entry
+
+        attacks, k = [], 1
+        for spec in specs:
+            ks = [j for j in range(k, len(self.stages) + 1) if self.stages[j - 1].attack_name == spec.name]
+            last = ks[-1]
+            entries = [stage_entry(j) for j in ks]
+            attacks.append({
+                "name": spec.name, "norm": spec.norm, "params": spec.params, "robust": counts[last],
+                "robust_accuracy": counts[last] / n, "seconds": sum(e["seconds"] for e in entries),
+                "forwards": sum(e["forwards"] for e in entries), "backwards": sum(e["backwards"] for e in entries),
+                "gradients_per_sample": entries[0]["gradients_per_sample"] if len(entries) == 1 else None,
+                "slots": entries[0]["slots"] if len(entries) == 1 else None,
+                **({"stages": entries} if len(entries) > 1 else {}),
+            })
+            k = last + 1
+        report = {
+            "n": n, "eps": float(self.eps), "batch_size": self.size, "seed": self.seed, "world_size": self.world,
+            "n_classes": self.n_classes, "fingerprint": fingerprint, "resumed": resumed, "exits": self.exits,
+            "fooled": FOOLED_RULE,
+            "clean": {"correct": counts[0], "accuracy": counts[0] / n, "seconds": recs[0]["seconds"]},
+            "attacks": attacks,
+            "robust": counts[-1], "robust_accuracy": counts[-1] / n,
+            "seconds": wall, "images_per_second": n / wall if wall > 0 else None,
+        }
+        report["robust_flags"] = flags[-1]
+        return report
 
 
 def _check_tensors(x, y):
@@ -464,33 +598,6 @@ def _check_tensors(x, y):
         raise EvaluationError("the dataset is empty")
     if x.min().item() < 0 or x.max().item() > 1:
         raise EvaluationError(f"images must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
-
-
-def _gather_round(mine, result, batch_size, device, failed=False):
-    """All ranks' batch indices and flags of one round, and the ranks that failed
-    (failed: this rank's unit raised; it sends its batch index and no flags)."""
-    import torch.distributed as dist
-
-    comm = comm_device(device)
-    buf = torch.full((batch_size + 2,), -1, dtype=torch.int64, device=comm)
-    if mine is not None:
-        buf[0] = mine
-        if failed:
-            buf[1] = -2
-        else:
-            buf[1] = len(result)
-            buf[2:2 + len(result)] = result.to(comm, torch.int64)
-    bufs = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
-    dist.all_gather(bufs, buf)
-    ids, results, failures = [], [], []
-    for r, t in enumerate(bufs):
-        t = t.cpu()
-        b, m = int(t[0]), int(t[1])
-        ids.append(None if b < 0 else b)
-        results.append(None if b < 0 or m < 0 else t[2:2 + m].bool())
-        if m == -2:
-            failures.append(r)
-    return ids, results, failures
 
 
 def to_json(report) -> str:

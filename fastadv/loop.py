@@ -11,15 +11,13 @@ never changes the arithmetic of a step:
 - early stop: after each gradient evaluation the samples that already fool the
   model leave the batch (one host sync per step); each keeps the first iterate
   that fooled it.
-- cycle exit (``run_cycle_exit``): samples whose iterate repeats an earlier one leave
-  the batch with the final iterate their cycle implies (the same bits as eager).
+- the cycle exit runs on fixed-shape slots (fastadv.slots), not here.
 """
 import warnings
 
 import torch
 
 from fastadv import backend, calls
-from fastadv.validation import memory_format
 
 # Models (by id) whose capture failed once: not tried again in this process.
 _uncapturable = set()
@@ -165,89 +163,3 @@ def _finish_rest(fn, x, y, first, size):
     if size >= x.shape[0]:
         return first
     return torch.cat([first, chunked(fn, x[size:], y[size:], size)])
-
-
-# Exact early exit (cycle_exit): how many recent iterates are kept per sample (periods up to
-# CYCLE_HISTORY - 1 are found) and how often, in steps, the loop looks for repeats (one host
-# sync per look). Both measured on the digits and ResNet-18 benchmarks (see README, speed).
-CYCLE_HISTORY = 16
-CYCLE_CHECK_EVERY = 4
-
-
-def run_cycle_exit(update, grad, adv, steps, per_sample, *, history=None, check_every=None):
-    """Iterate like ``run``, but stop iterating each sample once its iterate repeats.
-
-    When the next iterate is a deterministic function of the current one, per sample
-    (see EngineOptions.cycle_exit for when that holds), an iterate that equals one of
-    p steps earlier means the sequence has period p from there on, so the final iterate
-    is already known: the one (steps - t) mod p steps further round the cycle. The
-    loop keeps the last ``history`` iterates of every active sample in a ring (the
-    update writes straight into it), and every ``check_every`` steps compares the
-    current iterate bit for bit with the earlier ones; samples that repeat leave
-    the batch with the iterate their period implies. It holds ``history`` copies of the
-    batch's iterates (16 by default). The loss of the samples that stay
-    keeps the full batch's scale (grad.keep), so their trajectory is unchanged.
-    Returns a tensor equal, bit for bit, to ``run``'s. history, check_every: None for
-    CYCLE_HISTORY and CYCLE_CHECK_EVERY (read at call time, so a benchmark can sweep them).
-    """
-    history = CYCLE_HISTORY if history is None else history
-    check_every = CYCLE_CHECK_EVERY if check_every is None else check_every
-    if history < 2 or check_every < 1:
-        raise ValueError(f"history must be >= 2 and check_every >= 1, got {history} and {check_every}")
-    result = torch.empty_like(adv)
-    ring = [adv.clone()] + [torch.empty_like(adv) for _ in range(history - 1)]
-    active = torch.arange(adv.shape[0], device=adv.device)
-    for t in range(steps):
-        current, slot = ring[t % history], (t + 1) % history
-        ring[slot] = update(current, grad(current), out=ring[slot], **per_sample)
-        done = t + 1
-        if done % check_every == 0 and done < steps:
-            settled, final = _settled(ring, done, steps)
-            if settled is not None:
-                keep = torch.nonzero(~settled).flatten()
-                result[active[settled]] = final
-                active = active[keep]
-                if active.numel() == 0:
-                    return result
-                ring = [_take(r, keep) for r in ring]
-                per_sample = {k: (_take(v, keep) if _per_sample(v, settled.shape[0]) else v) for k, v in per_sample.items()}
-                grad.keep(~settled)
-    result[active] = ring[steps % history]
-    return result
-
-
-def _settled(ring, done, steps):
-    """(mask of the samples whose iterate after `done` steps repeats an earlier one, their
-    iterates after `steps` steps), or (None, None) when none repeats (one host sync)."""
-    history = len(ring)
-    current = _bits(ring[done % history])
-    period = torch.zeros(current.shape[0], dtype=torch.long, device=current.device)
-    for p in range(min(history - 1, done), 0, -1):  # descending: the shortest period wins
-        same = (current == _bits(ring[(done - p) % history])).flatten(1).all(1)
-        period = torch.where(same, p, period)
-    settled = period > 0
-    if not bool(settled.any()):
-        return None, None
-    period = period[settled]
-    # The cycle is ring[done - p], ..., ring[done - 1]; step `steps` lands (steps - done) mod p past its start.
-    slots = (done - period + (steps - done) % period) % history
-    rows = torch.nonzero(settled).flatten()
-    final = torch.stack([_take(r, rows) for r in ring])[slots, torch.arange(rows.numel(), device=rows.device)]
-    return settled, final
-
-
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t):
-    """t's bit patterns as integers: a repeat is the same bits (0.0 and -0.0 differ, a NaN equals itself)."""
-    return t.view(_SAME_SIZE_INT[t.element_size()])
-
-
-def _per_sample(v, n):
-    return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n
-
-
-def _take(t, rows):
-    """t's rows, in t's memory format (a channels_last run stays channels_last: same bits)."""
-    return t.index_select(0, rows).contiguous(memory_format=memory_format(t))

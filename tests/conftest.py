@@ -45,6 +45,25 @@ def trained_models(_trained_once):
     return {name: copy.deepcopy(m).eval() for name, m in _trained_once.items()}
 
 
+@pytest.fixture(scope="session")
+def _robust_once(digits):
+    from fastadv.train import TrainConfig, fit
+
+    (x, y), _ = digits
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the weights must not depend on the process's random initial seed
+        model = SmallCNN()
+        fit(model, x, y, TrainConfig(method="pgd", eps=0.2, steps=10), epochs=2, seed=0)
+    return model.eval()
+
+
+@pytest.fixture
+def robust_cnn(_robust_once):
+    """SmallCNN adversarially trained on digits (PGD-10 AT, eps 0.2, 2 epochs), once per session;
+    each test gets its own copy. Its PGD iterates settle into cycles within a few dozen steps."""
+    return copy.deepcopy(_robust_once).eval()
+
+
 @pytest.fixture(params=["cnn", "mlp"])
 def model(request, trained_models):
     return trained_models[request.param]

@@ -12,7 +12,6 @@ from pyautoattack.state import EvaluationState
 
 import fastadv
 from fastadv.calls import CallCounter
-from fastadv.evaluate import evaluate
 from helpers import assert_equal
 from test_autoattack import run_original
 
@@ -131,29 +130,6 @@ def test_apgd_early_stop_keeps_torchattacks_flags(trained_models, batch):
                 full = CallCounter(model)
                 getattr(fastadv, cls)(full, norm=norm, eps=eps, steps=12, seed=0, **kw)(x, y)
                 assert counter.backwards < full.backwards, f"{cls} {norm}: {counter.backwards} vs {full.backwards}"
-
-
-def test_evaluate_cascade_uses_the_shortcut_with_the_same_flags(trained_models, digits):
-    model = trained_models["mlp"]
-    _, (x, y) = digits
-    x, y = x[:70].clone(), y[:70].clone()
-    counter = CallCounter(model)
-    report = evaluate(counter, (x, y), ["apgd-ce-10", "apgd-t-10"], eps=0.1, batch_size=32)
-    shortcut_grads = counter.backwards
-    # the same cascade by hand without the shortcut: unit by unit, as evaluate cuts them
-    counter.reset()
-    flags = torch.zeros(len(y), dtype=torch.bool)
-    for lo in range(0, len(y), 32):
-        xb, yb = x[lo:lo + 32], y[lo:lo + 32]
-        with torch.no_grad():
-            robust = model(xb).argmax(1) == yb
-        for atk in (fastadv.APGD(counter, eps=0.1, steps=10), fastadv.APGDT(counter, eps=0.1, steps=10)):
-            if robust.any():
-                with torch.no_grad():
-                    robust[robust.clone()] = model(atk(xb[robust], yb[robust])).argmax(1) == yb[robust]
-        flags[lo:lo + 32] = robust
-    assert torch.equal(report["robust_flags"], flags)
-    assert shortcut_grads < counter.backwards, (shortcut_grads, counter.backwards)
 
 
 def test_bad_early_stop(trained_models):

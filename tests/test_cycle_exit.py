@@ -7,24 +7,14 @@ Gradient evaluations are counted by wrapping the model (fastadv.calls.CallCounte
 import pytest
 import torch
 import torchattacks
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastadv
 from fastadv import functional as F
-from fastadv import loop
+from fastadv import loop, slots
 from fastadv.calls import CallCounter
 from fastadv.engine import CYCLE_MIN_STEPS
-from fastadv.models import SmallCNN
-from fastadv.train import TrainConfig, fit
 from helpers import assert_equal
-
-
-@pytest.fixture(scope="module")
-def robust_cnn(digits):
-    (x, y), _ = digits
-    model = SmallCNN()
-    fit(model, x, y, TrainConfig(method="pgd", eps=0.2, steps=10), epochs=2, seed=0)
-    return model.eval()
+from host_syncs import Recorder
 
 
 @pytest.fixture
@@ -142,11 +132,11 @@ def test_bad_options_raise():
         fastadv.engine.EngineOptions(cycle_exit=True, early_stop=True)
 
 
-# -- the loop itself, on a synthetic iteration whose cycles are known ------------------------------
+# -- the exit itself, on a synthetic iteration whose cycles are known ---------------------------------
 
 
 class Countdown:
-    """A 'gradient' that counts evaluations (in samples) and follows keep() like CrossEntropyGradient."""
+    """A 'gradient' that counts evaluations (in slot rows) and runs on slots like CrossEntropyGradient."""
 
     def __init__(self):
         self.evaluations = 0
@@ -158,6 +148,12 @@ class Countdown:
     def keep(self, mask):
         pass
 
+    def per_sample(self):
+        return {}
+
+    def on_slots(self, buffers):
+        return self
+
 
 def ticker(adv, g, tail, period, out=None):
     """Sample i walks 0, 1, 2, ... and, from tail[i], cycles with period[i]."""
@@ -166,45 +162,40 @@ def ticker(adv, g, tail, period, out=None):
     return nxt if out is None else out.copy_(nxt)
 
 
-@pytest.mark.parametrize("steps", [1, 4, 17, 40, 63])
-def test_loop_lands_on_the_iterate_each_period_implies(steps):
-    tails = torch.tensor([0, 3, 0, 7, 2, 11, 0, 5, 1])
-    periods = torch.tensor([1, 1, 2, 3, 5, 8, 15, 16, 40])  # 16 and 40 exceed the history of 16: never settle
-    start = torch.zeros(9, 3)
+@pytest.mark.parametrize("size", [1, 4, 7])
+@pytest.mark.parametrize("steps", [1, 4, 17, 40, 63, 200])
+def test_slots_land_on_the_iterate_each_period_implies(steps, size):
+    """Periods beyond the ring (16, 40) close at the power-of-two anchor and step on to the final iterate."""
+    tails = torch.tensor([0, 3, 0, 7, 2, 11, 0, 5, 1, 30])
+    periods = torch.tensor([1, 1, 2, 3, 5, 8, 15, 16, 40, 1000])  # the last never repeats within 200 steps
+    start = torch.zeros(10, 3)
     per_sample = {"tail": tails, "period": periods}
     expected = loop.run(ticker, Countdown(), start.clone(), steps, per_sample)
     grad = Countdown()
-    actual = loop.run_cycle_exit(ticker, grad, start.clone(), steps, per_sample)
+    actual = slots.iterate(ticker, grad, start.clone(), steps, per_sample, size=size, cycle_exit=True)
     assert_equal(actual, expected)
-    assert grad.evaluations <= 9 * steps
-    if steps == 63:
-        assert grad.evaluations < 0.6 * 9 * steps
+    plain = Countdown()
+    assert_equal(slots.iterate(ticker, plain, start.clone(), steps, per_sample, size=size, cycle_exit=False), expected)
+    ceiling = plain.evaluations  # the same slots without exits, padding counted
+    assert grad.evaluations <= ceiling
+    if steps >= 63:
+        assert grad.evaluations < 0.6 * ceiling, grad.evaluations
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts the ops that make the host wait for the device (section 6 of the design notes)."""
-
-    SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += str(func) in self.SYNCING
-        return func(*args, **(kwargs or {}))
-
-
-def test_loop_syncs_once_per_check_while_nothing_settles():
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_slots_sync_once_per_check_while_nothing_settles(check_every):
     start = torch.zeros(4, 2)
     per_sample = {"tail": torch.zeros(4, dtype=torch.long), "period": torch.full((4,), 1000)}
-    with SyncCounter() as syncs:
-        loop.run_cycle_exit(ticker, Countdown(), start, 41, per_sample)
-    assert syncs.count == 40 // loop.CYCLE_CHECK_EVERY
+    program = slots.Iterations(size=2, steps=41, update=ticker, make_grad=Countdown().on_slots, cycle_exit=True)
+    unit = slots.Unit(4, {"adv": start, **per_sample})
+    with Recorder() as rec:
+        stats = slots.run(program, [unit], check_every=check_every)
+    assert stats.calls == 82
+    assert len(rec.syncs) == 82 // check_every, rec.syncs  # polls only: the scheduler's bookkeeping is on the host
 
 
 @pytest.mark.parametrize("steps", [9, 10])
-def test_loop_tells_zero_from_negative_zero(steps):
+def test_slots_tell_zero_from_negative_zero(steps):
     """0.0 and -0.0 compare equal but are other bits: a sign flip of 0.0 has period 2, not 1."""
 
     def flip(adv, g, out=None):
@@ -212,5 +203,5 @@ def test_loop_tells_zero_from_negative_zero(steps):
 
     start = torch.zeros(3, 4)
     expected = loop.run(flip, Countdown(), start.clone(), steps, {})
-    actual = loop.run_cycle_exit(flip, Countdown(), start.clone(), steps, {})
+    actual = slots.iterate(flip, Countdown(), start.clone(), steps, {}, size=2, cycle_exit=True)
     assert torch.equal(actual.signbit(), expected.signbit()), (actual, expected)

@@ -27,6 +27,7 @@ For AutoAttack, :func:`apgd_loop` runs restarts (and target classes) and returns
 import math
 import numbers
 import time
+import types
 import warnings
 from typing import Literal, Optional
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastadv import ops, validation
+from fastadv import ops, slots, validation
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, autocast_dtype, run_functional
 from fastadv.hints import Budget, EngineKwargs, Model, Unpack
@@ -240,12 +241,298 @@ def apgd_start(x, eps, *, norm, generator=None, arithmetic="torchattacks"):
 # -- the attack ------------------------------------------------------------------------------
 
 
+def checkpoints(n_iter, rho, arithmetic):
+    """(k, threshold) per iteration i, as numpy arrays: k > 0 where iteration i ends with a
+    checkpoint over its last k iterations, which halves the step of the samples whose loss
+    rose at most threshold times in them."""
+    k, n_iter_min, size_decr = checkpoint_schedule(n_iter)
+    window = np.zeros(n_iter, dtype=np.int64)
+    threshold = np.zeros(n_iter, dtype=np.int64)
+    counter = 0
+    for i in range(n_iter):
+        counter += 1
+        if counter == k:
+            window[i], threshold[i] = k, oscillation_threshold(k, rho, arithmetic)
+            counter = 0
+            k = max(k - size_decr, n_iter_min)
+    return window, threshold
+
+
+class APGDSlots:
+    """APGD's iteration (one run per phase of a unit) on fixed-shape slots (fastadv.slots).
+
+    Every slot carries its own run: iteration index (the slot's age), step size, momentum
+    (the previous iterate), best point, loss and gradient, last misclassified point and
+    checkpoint history (the running count of loss increases), so samples at different
+    iterations share each model call and a refilled slot starts its run at once. The
+    arithmetic per sample is apgd's, op for op; where every slot is at the same iteration
+    (a single batch, no refills) the masks fall away and the ops are exactly the plain loop's.
+
+    Units: ``data`` holds x [m], y [m], eps [m] (else the program's eps), the CPU generator
+    of the random starts (else one seeded with the unit's seed) and, for the targeted loss,
+    ``y_target`` [m] or ``order`` [m, C] (the clean logits' classes sorted ascending; else
+    computed from the clean logits, in calls of the slots' shape). Phases: n_restarts per target rank (ranks 2..n_target_classes + 1),
+    each on the members the phases before left robust, each drawing its starts for them.
+    Results per unit: ``robust`` [m] and ``adv`` (the last misclassified iterate where a run
+    fooled the sample, else x), and with keep_best ``x_best``, ``loss_best``, ``x_best_adv``.
+
+    fooled_exit: a sample leaves its run once an iterate fooled it (its robust flag is then
+    final; with first_fooled its returned point is the first fooling iterate).
+    first_step_only: torchattacks APGDT's L2 quirk, every sample steps with the first one's
+    step size; it mixes samples, so only for a single batch without exits.
+    """
+
+    def __init__(self, forward, *, size, norm, n_iter, n_restarts, loss, n_target_classes=None, eot_iter=1, rho=0.75,
+                 arithmetic="torchattacks", backend=None, precision=None, check=None, fooled_exit=False,
+                 first_fooled=False, keep_best=False, verbose=False, first_step_only=False, eps=None):
+        self.forward = forward
+        self.eps = eps  # the budget of units whose data has no eps (a float)
+        self.size = size
+        self.steps = n_iter + 1  # gradient evaluations per run: the start and after each update
+        self.n_iter = n_iter
+        self.norm, self.loss, self.arithmetic, self.backend = norm, loss, arithmetic, backend
+        self.n_restarts = n_restarts
+        self.n_targets = (n_target_classes or 1) if loss == "dlr-targeted" else None
+        self.eot_iter, self.precision, self.check = eot_iter, precision, check
+        self.fooled_exit, self.first_fooled, self.keep_best, self.verbose = fooled_exit, first_fooled, keep_best, verbose
+        self.first_step_only = first_step_only
+        self.warn_zero = arithmetic == "original" and loss in ("dlr", "dlr-targeted")
+        self.window, self.threshold = checkpoints(n_iter, rho, arithmetic)
+        self.s = None  # the slot state, allocated with the first unit
+
+    def phases(self, unit):
+        return self.n_restarts * (self.n_targets or 1)
+
+    # -- units and slots -----------------------------------------------------------------------
+
+    def begin(self, unit, phase, members):
+        data = unit.data
+        if "generator" not in data:
+            data["generator"] = torch.Generator().manual_seed(unit.seed)
+        if "eps" not in data:
+            data["eps"] = _eps_vector(self.eps, data["x"])
+        if self.n_targets is not None and "order" not in data and "y_target" not in data:
+            data["order"] = slots.forward_in_slots(self.forward, data["x"], self.size).sort(dim=1)[1]
+        x = data["x"].index_select(0, members.to(data["x"].device))
+        start = apgd_start(x, data["eps"][members.to(data["eps"].device)], norm=self.norm,
+                           generator=data["generator"], arithmetic=self.arithmetic)
+        state = {"start": start}
+        if "y_target" in data:
+            state["y_target"] = data["y_target"].index_select(0, members.to(x.device))
+        elif self.n_targets is not None:
+            rank = 2 + phase // self.n_restarts
+            state["y_target"] = data["order"].index_select(0, members.to(x.device))[:, -rank]
+        if self.s is None:
+            self._allocate(data, start)
+        results = unit.results
+        if "robust" not in results:
+            results["robust"] = torch.zeros(unit.size, dtype=torch.bool, device=x.device)
+            results["robust"][unit.members if unit.members is not None else slice(None)] = True
+            results["adv"] = data["x"].clone()
+            if self.keep_best:
+                results["x_best"], results["x_best_adv"] = data["x"].clone(), data["x"].clone()
+        if self.verbose:
+            print("parameters: ", self.n_iter, *checkpoint_schedule(self.n_iter))
+        return state
+
+    def _allocate(self, data, like):
+        b, dev = self.size, like.device
+        image = like.new_zeros((b, *like.shape[1:])).contiguous(memory_format=validation.memory_format(like))
+        s = types.SimpleNamespace()
+        for name in ("x", "x_adv", "x_old", "spare", "grad", "grad_best", "x_best", "x_best_adv"):
+            setattr(s, name, image.clone())
+        s.y = torch.zeros(b, dtype=data["y"].dtype, device=dev)
+        s.y_target = torch.zeros_like(s.y) if self.n_targets is not None else None
+        s.eps = torch.zeros(b, dtype=data["eps"].dtype, device=dev)
+        s.step = torch.zeros(b, dtype=torch.float32, device=dev)
+        s.loss_best = torch.zeros(b, device=dev)
+        s.loss_best_last_check = torch.zeros(b, device=dev)
+        s.last_loss = torch.zeros(b, device=dev)
+        s.reduced_last_check = torch.ones(b, dtype=torch.bool, device=dev)
+        s.robust = torch.zeros(b, dtype=torch.bool, device=dev)
+        s.increases = torch.zeros(b, dtype=torch.long, device=dev)  # the running count of loss increases
+        s.history = torch.zeros(self.n_iter + 1, b, dtype=torch.long, device=dev)  # that count after each iteration
+        s.columns = torch.arange(b, device=dev)
+        s.zero_grad = torch.zeros(b, dtype=torch.bool, device=dev)
+        s.objective = _Objective(self.forward, s.y, self.loss, y_target=s.y_target, eot_iter=self.eot_iter,
+                                 arithmetic=self.arithmetic, check=self.check, precision=self.precision)
+        self.s = s
+
+    def admit(self, rows, phase, positions):
+        s, data = self.s, phase.unit.data
+        dev_rows = rows.to(s.y.device)
+        members = phase.members[positions]
+        start = phase.state["start"].index_select(0, positions.to(s.y.device))
+        for name in ("x_adv", "x_old", "x_best", "x_best_adv"):
+            getattr(s, name).index_copy_(0, dev_rows, start)
+        s.x.index_copy_(0, dev_rows, data["x"].index_select(0, members.to(s.y.device)))
+        s.y.index_copy_(0, dev_rows, data["y"].index_select(0, members.to(s.y.device)))
+        eps = data["eps"].index_select(0, members.to(s.y.device))
+        s.eps.index_copy_(0, dev_rows, eps)
+        s.step.index_copy_(0, dev_rows, eps.float() * 2.0)
+        if s.y_target is not None:
+            s.y_target.index_copy_(0, dev_rows, phase.state["y_target"].index_select(0, positions.to(s.y.device)))
+        s.reduced_last_check = s.reduced_last_check.index_fill(0, dev_rows, True)
+        s.last_loss = s.last_loss.index_fill(0, dev_rows, 0.0)
+        s.increases = s.increases.index_fill(0, dev_rows, 0)
+        s.history[0].index_fill_(0, dev_rows, 0)  # the count before the run's first iteration
+
+    # -- one iteration of every slot -------------------------------------------------------------
+
+    def step(self, age):
+        s = self.s
+        live = age >= 0
+        fresh, running = live & (age == 0), age >= 1
+        loss, logits, grad = s.objective(s.x_adv)
+        pred = logits.max(1)[1] == s.y
+        if self.warn_zero and fresh.any():
+            zero = (grad.reshape(grad.shape[0], -1).abs().sum(-1) == 0)
+            s.zero_grad = _select(fresh, zero, s.zero_grad)
+        # a fresh slot's first evaluation: its run's initial robust flag, best loss and gradient
+        if running.any():
+            i = np.where(running, age - 1, 0)
+            increased = loss.float() > s.last_loss  # the reference keeps its loss history in fp32
+            if self.n_iter == 1:  # the reference compares iteration 0 with loss_steps[-1], itself then
+                increased = torch.zeros_like(increased)
+            s.increases = _select(running, s.increases + increased, s.increases)
+            rows = torch.as_tensor(np.flatnonzero(running), device=s.y.device)
+            s.history[torch.as_tensor(age[running], device=s.y.device), rows] = s.increases.index_select(0, rows)
+            s.last_loss = _select(running, loss.float(), s.last_loss)
+            improved = loss > s.loss_best
+            fooled = ~pred
+            if self.first_fooled:  # keep the first fooling iterate: track it while the run is robust
+                fooled = fooled & s.robust
+            ops.apgd_track_(s.x_adv, grad, s.x_best, s.grad_best, s.x_best_adv, _mask(running, improved, s),
+                            _mask(running, fooled, s), backend=self.backend)
+            s.loss_best = torch.where(_mask(running, improved, s), loss, s.loss_best)
+            s.robust = _select(running, s.robust & pred, s.robust)
+        s.robust = _select(fresh, pred, s.robust)
+        s.loss_best = _select(fresh, loss, s.loss_best)
+        s.loss_best_last_check = _select(fresh, loss, s.loss_best_last_check)
+        if fresh.any():
+            s.grad_best = _select(fresh, grad, s.grad_best) if not fresh.all() else grad.clone()
+        s.grad = grad
+        if self.verbose and running.any() and len(set(age[live].tolist())) == 1:
+            print("iteration: {} - Best loss: {:.6f}".format(int(age[live][0]) - 1, s.loss_best.sum()))
+        if running.any():
+            self._checkpoint(age, running)
+        self._update(age, live, fresh)
+
+    def _checkpoint(self, age, running):
+        s = self.s
+        i = np.where(running, age - 1, 0)
+        window = np.where(running, self.window[i], 0)
+        at = window > 0
+        if not at.any():
+            return
+        dev = s.y.device
+        back = torch.as_tensor(np.where(at, age - window, 0), device=dev)
+        increases = s.increases - s.history[back, s.columns]
+        reduce = increases <= torch.as_tensor(self.threshold[i], device=dev)
+        reduce = reduce | (~s.reduced_last_check & (s.loss_best_last_check >= s.loss_best))
+        s.reduced_last_check = _select(at, reduce, s.reduced_last_check)
+        s.loss_best_last_check = _select(at, s.loss_best, s.loss_best_last_check)
+        reduce = _mask(at, reduce, s)
+        s.step = torch.where(reduce, s.step / 2.0, s.step)
+        reset = _column(reduce, s.x_adv)
+        s.x_adv = torch.where(reset, s.x_best, s.x_adv)
+        s.grad = torch.where(reset, s.grad_best, s.grad)
+
+    def _update(self, age, live, fresh):
+        s = self.s
+        moving = live & (age < self.n_iter)
+        if not moving.any():
+            return
+        x_next = self._move(0.75 if not fresh.all() else 1.0, out=s.spare)
+        if fresh.any() and not fresh.all():  # a fresh run's first update has no momentum (a = 1)
+            x_next = torch.where(_column(_device_mask(fresh, s), x_next), self._move(1.0), x_next)
+        s.spare, s.x_old, s.x_adv = s.x_old, s.x_adv, x_next
+
+    def _move(self, a, out=None):
+        s = self.s
+        if self.norm == "Linf":
+            return ops.apgd_linf_step(s.x_adv, s.x_old, s.x, s.grad, step=s.step, eps=s.eps, a=a, backend=self.backend,
+                                      out=out)
+        step = s.step[:1].expand(s.step.shape[0]) if self.first_step_only else s.step
+        return ops.apgd_l2_step(s.x_adv, s.x_old, s.x, s.grad, step=step, eps=s.eps, a=a,
+                                arithmetic=self.arithmetic, backend=self.backend, out=out)
+
+    def shrink(self, rows):
+        """Keep only these slots (compaction: fastadv.slots.run's shrink)."""
+        s, dev = self.s, self.s.y.device
+        rows = rows.to(dev)
+        b = s.y.shape[0]
+        for name, value in vars(s).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b and name != "history":
+                setattr(s, name, value.index_select(0, rows))
+        s.history = s.history.index_select(1, rows)
+        s.columns = torch.arange(rows.numel(), device=dev)
+        s.objective.y, s.objective.y_target = s.y, s.y_target
+        self.size = rows.numel()
+
+    # -- exits and results -----------------------------------------------------------------------
+
+    def poll(self, age, limit):
+        if not self.fooled_exit:
+            return None
+        return np.array((~self.s.robust).tolist()) & (age > 0)  # the one host sync of a poll
+
+    def retire(self, rows, phase, positions):
+        s, results = self.s, phase.unit.results
+        dev_rows = rows.to(s.y.device)
+        members = phase.members[positions].to(s.y.device)
+        robust = s.robust.index_select(0, dev_rows)
+        x = s.x.index_select(0, dev_rows)
+        results["robust"].index_copy_(0, members, robust)
+        results["adv"].index_copy_(0, members, torch.where(_column(robust, x), x, s.x_best_adv.index_select(0, dev_rows)))
+        if self.keep_best:
+            results.setdefault("loss_best", torch.zeros(phase.unit.size, dtype=s.loss_best.dtype, device=s.y.device))
+            for name in ("x_best", "x_best_adv", "loss_best"):
+                results[name].index_copy_(0, members, getattr(s, name).index_select(0, dev_rows))
+        if self.warn_zero:
+            phase.state["zero"] = phase.state.get("zero", 0) + s.zero_grad.index_select(0, dev_rows).sum()
+        if phase.index + 1 < self.phases(phase.unit):
+            return robust.tolist()  # which members the next phase attacks (one sync per retirement)
+        return None
+
+    def finish(self, phase):
+        zero = int(phase.state.get("zero", 0)) if self.warn_zero else 0
+        if zero:  # pyautoattack's check, once per run
+            warnings.warn(f"there are {zero} points with zero gradient! This might lead to unreliable "
+                          "evaluation with gradient-based attacks.", stacklevel=2)
+        if self.verbose and self.phases(phase.unit) > 1:
+            unit = phase.unit
+            restart, rank = phase.index % self.n_restarts, 2 + phase.index // self.n_restarts
+            target = "" if self.n_targets is None else f" - target_class {rank}"
+            print("restart {}{} - robust accuracy: {:.2%} - cum. time: {:.1f} s".format(
+                restart, target, unit.results["robust"].float().mean(), time.time() - unit.data.get("t0", 0.0)))
+
+
+def _device_mask(rows: np.ndarray, s) -> torch.Tensor:
+    return torch.as_tensor(rows, device=s.y.device)
+
+
+def _select(rows: np.ndarray, a, b, like=None):
+    """a in the slots rows marks, b elsewhere (rows: numpy bool [B]); no op where rows is uniform."""
+    if rows.all():
+        return a
+    if not rows.any():
+        return b
+    mask = torch.as_tensor(rows, device=b.device)
+    return torch.where(_column(mask, a) if a.dim() > 1 else mask, a, b)
+
+
+def _mask(rows: np.ndarray, m: torch.Tensor, s) -> torch.Tensor:
+    """m restricted to the slots rows marks."""
+    return m if rows.all() else m & _device_mask(rows, s)
+
+
 def apgd_single_run(
     forward, x, y, *, norm="Linf", eps=8 / 255, n_iter=10, loss="ce", y_target=None, eot_iter=1, rho=0.75,
     generator=None, arithmetic="torchattacks", backend=None, verbose=False, check=None, precision=None,
     early_stop=False,
 ):
-    """One APGD run from a random start on inputs the caller owns.
+    """One APGD run from a random start on inputs the caller owns (APGDSlots on one batch).
 
     Arguments:
         forward: x -> logits [N, C] (the model, already in attack mode).
@@ -257,115 +544,45 @@ def apgd_single_run(
         arithmetic: 'torchattacks' or 'original' (see the module docstring).
         check: called as check(logits, y) with the first logits (input validation), or None.
         precision: None (exact), or 'bf16' / 'fp16' to run the model under autocast (fast mode).
-        early_stop: a sample leaves the run once an iterate fools the model (one host sync per
-            iteration). Its robust flag is then already False, and every sample's state is its
-            own (the loss is summed, the step sizes and checkpoints are per sample), so the
-            others follow exactly their trajectory and every robust flag equals the full run's
-            (on a model whose output for a sample does not depend on the rest of the batch).
-            The leaving sample's x_best_adv is the first iterate that fooled it (the full run
-            returns the last one) and its x_best and loss_best stop there. Ignored for
-            torchattacks' targeted L2 step, which takes the first sample's step size for all.
+        early_stop: a sample stops once an iterate fools the model. Its robust flag is then
+            already False, and every sample's run is its own (the loss is summed, the step
+            sizes and checkpoints are per sample), so every robust flag equals the full run's.
+            The sample's x_best_adv is the first iterate that fooled it (the full run returns
+            the last one) and its x_best and loss_best stop there. The batch shrinks
+            (compaction), so every flag equals the full run's where the model gives a sample
+            the same output at any batch size (PyTorch's CPU kernels from 8 samples on);
+            evaluations that need exactness run on fixed-shape slots instead (fastadv.evaluate).
+            Ignored for torchattacks' targeted L2 step, which takes the first sample's step
+            size for all.
     Returns (x_best, robust, loss_best, x_best_adv): the highest-loss point, whether
     the sample was classified correctly at every iterate ([N] bool), that loss, and
     the last misclassified iterate (the start where there is none).
     """
     n = x.shape[0]
-    original = arithmetic == "original"
     eps = _eps_vector(eps, x)
-    n_iter_2, n_iter_min, size_decr = checkpoint_schedule(n_iter)
-    if verbose:
-        print("parameters: ", n_iter, n_iter_2, n_iter_min, size_decr)
-    objective = _Objective(
-        forward, y, loss, y_target=y_target, eot_iter=eot_iter, arithmetic=arithmetic, check=check, precision=precision,
-    )
-
-    x_adv = apgd_start(x, eps, norm=norm, generator=generator, arithmetic=arithmetic)
-    x_best = x_adv.clone()
-    x_best_adv = x_adv.clone()
-    loss_steps = torch.zeros([n_iter, n], device=x.device)
-
-    loss_indiv, logits, grad = objective(x_adv)
-    if original and loss in ("dlr", "dlr-targeted"):
-        _warn_zero_gradients(grad)
-    grad_best = grad.clone()
-    robust = logits.max(1)[1] == y
-    loss_best = loss_indiv.clone()
-
-    step = eps.float() * 2.0
-    # torchattacks APGDT's L2 step takes the first sample's step size for all samples.
-    first_step_only = norm == "L2" and loss == "dlr-targeted" and not original
-    x_old = x_adv
-    k = n_iter_2
-    counter3 = 0
-    loss_best_last_check = loss_best
-    reduced_last_check = torch.ones(n, dtype=torch.bool, device=x.device)
+    first_step_only = norm == "L2" and loss == "dlr-targeted" and arithmetic != "original"
     early_stop = early_stop and not first_step_only
-    if early_stop:
-        active = torch.arange(n, device=x.device)
-        out = (x_best.clone(), torch.zeros_like(robust), loss_best.clone(), x_best_adv.clone())
+    data = {"x": x, "y": y, "eps": eps, "generator": generator}
+    if y_target is not None:
+        data["y_target"] = y_target
+    r = _run_once(forward, data, norm=norm, n_iter=n_iter, loss=loss, eot_iter=eot_iter, rho=rho,
+                  arithmetic=arithmetic, backend=backend, precision=precision, check=check, early_stop=early_stop,
+                  keep_best=True, verbose=verbose, first_step_only=first_step_only)
+    return r["x_best"], r["robust"], r["loss_best"], r["x_best_adv"]
 
-    for i in range(n_iter):
-        if early_stop and not bool(robust.all()):  # the one host sync per iteration of early stopping
-            keep = robust.nonzero().flatten()
-            gone = active[~robust]
-            out[0][gone], out[2][gone], out[3][gone] = x_best[~robust], loss_best[~robust], x_best_adv[~robust]
-            active = active[keep]
-            if active.numel() == 0:
-                return out
-            x, y, eps, step, x_adv, x_old, grad, x_best, grad_best, x_best_adv, loss_best, loss_best_last_check, \
-                reduced_last_check, robust = (t[keep] for t in (
-                    x, y, eps, step, x_adv, x_old, grad, x_best, grad_best, x_best_adv, loss_best,
-                    loss_best_last_check, reduced_last_check, robust))
-            loss_steps = loss_steps[:, keep]
-            objective.keep(keep)
-            n = active.numel()
-        a = 0.75 if i > 0 else 1.0
-        if norm == "Linf":
-            x_next = ops.apgd_linf_step(x_adv, x_old, x, grad, step=step, eps=eps, a=a, backend=backend)
-        else:
-            s = step[:1].expand(n) if first_step_only else step
-            x_next = ops.apgd_l2_step(
-                x_adv, x_old, x, grad, step=s, eps=eps, a=a, arithmetic=arithmetic, backend=backend
-            )
-        x_old, x_adv = x_adv, x_next
 
-        loss_indiv, logits, grad = objective(x_adv)
-        pred = logits.max(1)[1] == y
-        robust = robust & pred
-        if verbose:
-            print("iteration: {} - Best loss: {:.6f}".format(i, loss_best.sum()))
+def _run_once(forward, data, *, early_stop=False, keep_best=False, **options):
+    """One APGD run (APGDSlots, one phase) on the samples of data, as one batch; returns its results.
 
-        loss_steps[i] = loss_indiv
-        improved = loss_indiv > loss_best
-        ops.apgd_track_(x_adv, grad, x_best, grad_best, x_best_adv, improved, ~pred, backend=backend)
-        loss_best = torch.where(improved, loss_indiv, loss_best)
-
-        counter3 += 1
-        if counter3 == k:
-            # the reference counts loss_steps[j] > loss_steps[j - 1] for j = i-k+1..i, where
-            # j - 1 = -1 wraps around to the last (still zero) row
-            if i - k >= 0:
-                previous = loss_steps[i - k:i]
-            else:
-                previous = torch.cat([loss_steps[-1:], loss_steps[:i]])
-            increases = (loss_steps[i - k + 1:i + 1] > previous).sum(0)
-            reduce = increases <= oscillation_threshold(k, rho, arithmetic)
-            reduce = reduce | (~reduced_last_check & (loss_best_last_check >= loss_best))
-            reduced_last_check = reduce
-            loss_best_last_check = loss_best
-
-            step = torch.where(reduce, step / 2.0, step)
-            reset = _column(reduce, x_adv)
-            x_adv = torch.where(reset, x_best, x_adv)
-            grad = torch.where(reset, grad_best, grad)
-
-            counter3 = 0
-            k = max(k - size_decr, n_iter_min)
-
-    if early_stop:
-        out[0][active], out[1][active], out[2][active], out[3][active] = x_best, robust, loss_best, x_best_adv
-        return out
-    return x_best, robust, loss_best, x_best_adv
+    early_stop: a sample fooled leaves the batch, which shrinks (compaction: one batch has no
+    stream to refill its slots from; the others' runs are their own, see apgd_single_run).
+    """
+    n = data["x"].shape[0]
+    program = APGDSlots(forward, size=n, n_restarts=1, fooled_exit=early_stop, first_fooled=early_stop,
+                        keep_best=keep_best, **options)
+    unit = slots.Unit(n, data)
+    slots.run(program, [unit], device=data["x"].device, shrink=early_stop)
+    return unit.results
 
 
 def _warn_zero_gradients(grad):
@@ -401,12 +618,15 @@ def apgd_loop(
             generator (a CPU torch.Generator) is given, which is used and advanced.
         arithmetic: 'torchattacks' (default) or 'original' (pyautoattack 0.2.0).
         robust: [N] bool, the samples to attack (default: those forward classifies correctly).
-        engine: fastadv.engine.EngineOptions. precision runs the model under autocast and
-            channels_last the run in that layout (both change the numbers); early_stop
-            also stops each run on a sample once it is fooled (apgd_single_run): the
-            same robust flags, fewer gradient evaluations, and a fooled sample gets the
-            first iterate that fooled it instead of the last; cuda_graph does not apply
-            (the checkpoints are host-side control flow).
+        engine: fastadv.engine.EngineOptions. batch_size below N runs the restarts (and
+            target classes) on batch_size fixed-shape slots (APGDSlots, fastadv.slots): a
+            sample whose run ends leaves its slot to the next, every model call has the shape
+            [batch_size, ...], and the random starts are drawn for the whole batch as the
+            reference draws them. precision runs the model under autocast and channels_last
+            the run in that layout (both change the numbers); early_stop also stops each run
+            on a sample once it is fooled: the same robust flags, fewer gradient
+            evaluations, and a fooled sample gets the first iterate that fooled it instead of
+            the last; cuda_graph does not apply (the checkpoints are host-side control flow).
     Returns (adv, robust): adv [N, ...] holds the adversarial point of every fooled
     sample and x elsewhere; robust [N] bool is False where the sample was
     misclassified (clean or by some run).
@@ -435,45 +655,52 @@ def apgd_loop(
     fmt = validation.memory_format(x)
     x = engine.layout(x)
     eps = _eps_vector(eps, x)
-    if robust is None:
-        with torch.no_grad():
-            logits = forward(x)
+    n = x.shape[0]
+    targeted = loss == "dlr-targeted"
+    first_step_only = norm == "L2" and targeted and arithmetic != "original"
+    early_stop = engine.early_stop and not first_step_only
+    size = engine.batch_size if engine.batch_size is not None and engine.batch_size < n and not first_step_only else n
+    logits = None
+    if robust is None or (targeted and size < n):
+        logits = slots.forward_in_slots(forward, x, size)
         check(logits, y)
-        robust = logits.max(1)[1] == y
-    else:
-        robust = robust.to(device=x.device, dtype=torch.bool).clone()
+    robust = logits.max(1)[1] == y if robust is None else robust.to(device=x.device, dtype=torch.bool).clone()
     if verbose:
         rule = "-" * 26
         print(f"{rule} running {norm}-attack with epsilon {_describe(eps)} {rule}")
         print("initial accuracy: {:.2%}".format(robust.float().mean()))
+    options = dict(norm=norm, n_iter=n_iter, loss=loss, eot_iter=eot_iter, rho=rho, arithmetic=arithmetic,
+                   backend=backend, precision=engine.precision, check=check, verbose=verbose)
+    data = {"x": x, "y": y, "eps": eps, "generator": generator, "t0": time.time()}
+    if size < n:  # every run of every sample on `size` fixed-shape slots
+        program = APGDSlots(forward, size=size, n_restarts=n_restarts, n_target_classes=n_target_classes,
+                            fooled_exit=early_stop, first_fooled=early_stop, **options)
+        unit = slots.Unit(n, data, members=robust.nonzero().flatten().cpu())  # the one sync before the runs
+        if targeted:
+            unit.data["order"] = logits.sort(dim=1)[1]
+        slots.run(program, [unit], device=x.device)
+        return unit.results["adv"].contiguous(memory_format=fmt), unit.results["robust"]
+
+    # one batch: each run attacks the samples still robust, at their count, as the references do
     adv = x.clone()
-    start_time = time.time()
     for target_rank in [None] if n_target_classes is None else range(2, n_target_classes + 2):
         for restart in range(n_restarts):
             idx = robust.nonzero().reshape(-1)  # the one sync per restart
             if idx.numel() == 0:
                 continue
-            x_sub, y_sub = x[idx], y[idx]
-            y_target = None
+            sub = {"x": x[idx], "y": y[idx], "eps": eps[idx], "generator": generator}
             if target_rank is not None:
                 with torch.no_grad():
-                    logits = forward(x_sub)
-                check(logits, y_sub)
-                y_target = logits.sort(dim=1)[1][:, -target_rank]
-            _, robust_sub, _, adv_sub = apgd_single_run(
-                forward, x_sub, y_sub, norm=norm, eps=eps[idx], n_iter=n_iter, loss=loss, y_target=y_target,
-                eot_iter=eot_iter, rho=rho, generator=generator, arithmetic=arithmetic, backend=backend,
-                verbose=verbose, check=check, precision=engine.precision, early_stop=engine.early_stop,
-            )
-            robust.index_copy_(0, idx, robust_sub)
-            adv.index_copy_(0, idx, torch.where(_column(robust_sub, x_sub), x_sub, adv_sub))
+                    logits = forward(sub["x"])
+                check(logits, sub["y"])
+                sub["y_target"] = logits.sort(dim=1)[1][:, -target_rank]
+            r = _run_once(forward, sub, early_stop=early_stop, first_step_only=first_step_only, **options)
+            robust.index_copy_(0, idx, r["robust"])
+            adv.index_copy_(0, idx, r["adv"])
             if verbose:
                 target = "" if target_rank is None else f" - target_class {target_rank}"
-                print(
-                    "restart {}{} - robust accuracy: {:.2%} - cum. time: {:.1f} s".format(
-                        restart, target, robust.float().mean(), time.time() - start_time
-                    )
-                )
+                print("restart {}{} - robust accuracy: {:.2%} - cum. time: {:.1f} s".format(
+                    restart, target, robust.float().mean(), time.time() - data["t0"]))
     return adv.contiguous(memory_format=fmt), robust
 
 
@@ -516,7 +743,7 @@ def apgd(
         norm=check_choice(norm, "norm", NORMS), n_iter=validation.check_steps(steps),
         n_restarts=check_count(n_restarts, "n_restarts"), seed=check_seed(seed), loss=check_choice(loss, "loss", LOSSES),
         eot_iter=check_count(eot_iter, "eot_iter"), rho=check_rho(rho), verbose=verbose,
-        arithmetic=check_choice(arithmetic, "arithmetic", ARITHMETICS), backend=backend,
+        arithmetic=check_choice(arithmetic, "arithmetic", ARITHMETICS), backend=backend, slots=True,
     )
 
 
@@ -530,6 +757,8 @@ class _APGDBase(Attack):
     dict, not **engine, so that a stray loss= given to APGDT still reaches EngineOptions
     (and fails there) instead of binding to loss here.
     """
+
+    runs_on_slots = True
 
     def __init__(self, name, model, backend, engine, norm, eps, steps, n_restarts, seed, eot_iter, rho, verbose,
                  loss=_NO_LOSS):
@@ -571,8 +800,8 @@ class APGD(_APGDBase):
     bit-exact too and the L2 step differs in the last bits of its norms. Unlike the
     reference, the global RNG is not re-seeded: the start is drawn from a private
     generator seeded with seed, which gives the same numbers. With the engine option
-    batch_size each chunk is attacked (and seeded) on its own, so results then differ
-    from a whole-batch run.
+    batch_size the runs share batch_size fixed-shape slots (see apgd_loop), and the
+    random starts are drawn for the whole batch as the reference draws them.
 
     Arguments:
         model (nn.Module): model to attack.

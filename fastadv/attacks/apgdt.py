@@ -62,7 +62,7 @@ def apgdt(
         n_restarts=check_count(n_restarts, "n_restarts"), seed=check_seed(seed),
         eot_iter=check_count(eot_iter, "eot_iter"), rho=check_rho(rho), verbose=verbose,
         n_target_classes=check_n_classes(n_classes) - 1,
-        arithmetic=check_choice(arithmetic, "arithmetic", ARITHMETICS), backend=backend,
+        arithmetic=check_choice(arithmetic, "arithmetic", ARITHMETICS), backend=backend, slots=True,
     )
 
 

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastadv import loop, ops, validation
+from fastadv import ops, slots, validation
 from fastadv.attack import Attack
 from fastadv.backend import resolve
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
@@ -43,10 +43,8 @@ def bim_loop(forward, x, y, *, eps, alpha, steps, targeted=False, backend=None, 
                              consume_grad=True)
         return torch.clamp(step, min=lo, max=hi, out=step)
 
-    adv = loop.run(
-        update, grad, x.clone(), steps, {"lo": lo, "hi": hi, "alpha": alpha}, early_stop=engine.early_stop,
-        cuda_graph=engine.use_graph(x, resolve(backend, x.device)), model=forward,
-    )
+    adv = slots.iterations(update, grad, x.clone(), steps, {"lo": lo, "hi": hi, "alpha": alpha}, engine=engine,
+                           model=forward, backend_name=resolve(backend, x.device))
     return adv.contiguous(memory_format=fmt)
 
 
@@ -77,7 +75,7 @@ def bim(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget
         eps = validation.check_budget(eps, "eps")
     return run_functional(
         bim_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
-        steps=check_bim_steps(steps, eps), targeted=targeted, backend=backend,
+        steps=check_bim_steps(steps, eps), targeted=targeted, backend=backend, slots=True,
     )
 
 
@@ -109,6 +107,8 @@ class BIM(Attack):
         >>> attack = fastadv.BIM(model, eps=8/255, alpha=2/255, steps=10)
         >>> adv_images = attack(images, labels)
     """
+
+    runs_on_slots = True
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, *,
                  backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastadv import loop, ops, validation
+from fastadv import ops, slots, validation
 from fastadv.attack import Attack
 from fastadv.backend import resolve
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
@@ -19,24 +19,18 @@ def uniform_start(x, eps, backend=None):
 
 
 def linf_iterations(grad, adv, x, *, eps, alpha, steps, backend=None, engine=EXACT, model=None, deterministic=True):
-    """steps fused Linf sign steps from adv (PGD, EOTPGD, RFGSM, TPGD share this loop).
+    """steps fused Linf sign steps from adv (PGD, EOTPGD, RFGSM, TPGD, Jitter share this loop).
 
-    grad(adv) is the attack's gradient (with succeeded()/keep() for early stopping and
-    the cycle exit). deterministic: False when grad draws randomness each step (EOT),
-    which rules out the cycle exit.
+    grad(adv) is the attack's gradient (with succeeded()/keep() for early stopping; with
+    per_sample()/on_slots() when it can run on slots). deterministic: False when grad draws
+    randomness each step (EOT), which rules out slots and the cycle exit.
     """
 
     def update(adv, g, x, eps, alpha, out=None):
         return ops.linf_step(adv, x, g, alpha=alpha, eps=eps, backend=backend, out=out, consume_grad=True)
 
-    per_sample = {"x": x, "eps": eps, "alpha": alpha}
-    backend_name = resolve(backend, x.device)
-    if engine.use_cycle_exit(x, backend_name, steps, model, deterministic):
-        return loop.run_cycle_exit(update, grad, adv, steps, per_sample)
-    return loop.run(
-        update, grad, adv, steps, per_sample, early_stop=engine.early_stop,
-        cuda_graph=engine.use_graph(x, backend_name), model=model,
-    )
+    return slots.iterations(update, grad, adv, steps, {"x": x, "eps": eps, "alpha": alpha}, engine=engine,
+                            model=model, backend_name=resolve(backend, x.device), deterministic=deterministic)
 
 
 def pgd_loop(forward, x, y, *, eps, alpha, steps, random_start=True, targeted=False, backend=None, engine=EXACT):
@@ -67,7 +61,7 @@ def pgd(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget
     return run_functional(
         pgd_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
         steps=validation.check_steps(steps), random_start=random_start, targeted=targeted, backend=backend,
-        copy_images=False,
+        copy_images=False, slots=True,
     )
 
 
@@ -93,6 +87,8 @@ class PGD(Attack):
         >>> attack = fastadv.PGD(model, eps=8/255, alpha=1/255, steps=10, random_start=True)
         >>> adv_images = attack(images, labels)
     """
+
+    runs_on_slots = True
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  random_start: bool = True, *, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:

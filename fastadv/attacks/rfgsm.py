@@ -46,7 +46,7 @@ def rfgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budg
     return run_functional(
         rfgsm_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
         steps=validation.check_steps(steps), targeted=targeted, backend=backend,
-        copy_images=False,
+        copy_images=False, slots=True,
     )
 
 
@@ -75,6 +75,8 @@ class RFGSM(Attack):
         >>> attack = fastadv.RFGSM(model, eps=8/255, alpha=2/255, steps=10)
         >>> adv_images = attack(images, labels)
     """
+
+    runs_on_slots = True
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, *,
                  backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:

@@ -1,4 +1,5 @@
 """TPGD: PGD on TRADES' KL loss against the clean prediction (Zhang et al., 2019). Linf, no labels."""
+import copy
 from typing import Optional
 
 import torch
@@ -53,6 +54,15 @@ class KLGradient:
     def keep(self, mask: torch.Tensor) -> None:
         self.target, self.clean_pred = self.target[mask], self.clean_pred[mask]
 
+    def per_sample(self) -> dict:
+        return {"target": self.target, "clean_pred": self.clean_pred}
+
+    def on_slots(self, buffers: dict) -> "KLGradient":
+        """This gradient on slot buffers (the loss is a sum: no scale to keep)."""
+        slotted = copy.copy(self)
+        slotted.target, slotted.clean_pred = buffers["target"], buffers["clean_pred"]
+        return slotted
+
 
 def tpgd_loop(forward, x, y=None, *, eps, alpha, steps, backend=None, engine=EXACT):
     """The TPGD iteration on inputs the caller owns (y is unused); returns the last iterate."""
@@ -84,7 +94,7 @@ def tpgd(model: Model, images: torch.Tensor, labels: Optional[torch.Tensor] = No
         labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
     return run_functional(
         tpgd_loop, model, images, labels, budgets=("eps", "alpha"), engine=engine, eps=eps, alpha=alpha,
-        steps=validation.check_steps(steps), backend=backend,
+        steps=validation.check_steps(steps), backend=backend, slots=True,
     )
 
 
@@ -112,6 +122,8 @@ class TPGD(Attack):
         >>> attack = fastadv.TPGD(model, eps=8/255, alpha=2/255, steps=10)
         >>> adv_images = attack(images)
     """
+
+    runs_on_slots = True
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, *,
                  backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:

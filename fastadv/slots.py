@@ -1,0 +1,593 @@
+"""Fixed-shape slots: an iterative attack runs on B slots that the stream of samples refills.
+
+Continuous batching, as LLM servers do it. Every model call has the shape [B, ...]. A
+sample whose work is done (its steps ran out, its iterates settled into a cycle, or, where
+only its robust flag is wanted, it was fooled) leaves its slot, and the next sample of the
+stream takes the slot at the next step. A sample's numbers then depend on its own iterates
+and on the batch shape B, never on which samples share its batch, so the exits are exact by
+construction on any device whose kernels give a row the same bits at a fixed shape whatever
+the other rows hold (PyTorch's CPU kernels do on every model tested; tests/test_slots.py).
+
+Work arrives in **units**: samples whose random draws are made together (a whole attack
+call, as the reference draws them, or one chunk of an evaluation). A unit runs one or more
+**phases** (APGD's restarts and target classes): phase p + 1 of a unit starts when every
+one of its samples has finished phase p, with the samples that phase p lets go on. Units
+and phases share the slots freely. The queue serves first the members of the units with the
+most phases still to run (their chains of phases are the longest; serving them first keeps
+the last units from running their phases alone on a mostly empty batch), then in order of
+arrival.
+
+The scheduler (``run``) is generic. A program, the attack's iteration on slots, provides:
+
+- ``size``: B, the slot count; ``steps``: the slot-steps a member takes at most per phase;
+  ``phases(unit)``: how many phases a unit runs;
+- ``begin(unit, phase, members)``: the start state of these members (a ``Phase``; random
+  draws happen here, in the unit's order);
+- ``admit(rows, phase, positions)``: load those members of a phase into slot rows;
+- ``step(age)``: one iteration of every slot (one model call of [B]); age: the steps each
+  slot's occupant has done (numpy, -1 for an empty slot);
+- ``poll(age, limit)``: the exits only the device knows (a cycle, a fooled sample): returns
+  the rows that exit now, and may lower limit (steps left once a long cycle is known);
+  one host sync; ``None`` when the program has no device exits;
+- ``retire(rows, phase, positions)``: store the results of members that leave; returns,
+  per member, whether it goes on to the unit's next phase (None: none does);
+- ``finish(phase)`` (optional): called once every member of a phase has left.
+"""
+import dataclasses
+import heapq
+import itertools
+
+import numpy as np
+import torch
+
+# How often, in steps, the scheduler asks the device which slots exit (one host sync each).
+# On the CPU a sync costs nothing and a late exit costs a step, so every step; on CUDA a sync
+# stalls the launch queue, so every few steps (not yet measured on a GPU; see gpu.sh).
+CHECK_EVERY = {"cpu": 1, "cuda": 4}
+
+
+@dataclasses.dataclass
+class Phase:
+    """One phase of one unit: its members (positions in the unit) and their start state."""
+
+    unit: object
+    index: int
+    members: torch.Tensor  # [m] positions in the unit (CPU, long)
+    state: dict = dataclasses.field(default_factory=dict)
+    outstanding: int = 0
+    going_on: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class SlotStats:
+    """What the slots did: model calls of [B], and how many slot-steps carried a real sample.
+
+    ``admitting``: the slot-steps taken while samples waited to be admitted (the occupancy
+    goal); ``tail``: the slot-steps after the stream ran dry, while the last samples finish.
+    """
+
+    size: int = 0
+    calls: int = 0
+    slot_steps: int = 0
+    useful_admitting: int = 0
+    steps_admitting: int = 0
+    useful_tail: int = 0
+    steps_tail: int = 0
+    samples: int = 0
+
+    @property
+    def useful(self):
+        return self.useful_admitting + self.useful_tail
+
+    def occupancy(self, part="all"):
+        """Useful slot-steps over all slot-steps (part: 'all', 'admitting' or 'tail')."""
+        if part == "all":
+            return self.useful / self.slot_steps if self.calls else None
+        useful, steps = getattr(self, f"useful_{part}"), getattr(self, f"steps_{part}")
+        return useful / steps if steps else None
+
+    def add(self, other):
+        for f in dataclasses.fields(self):
+            if f.name != "size":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        self.size = self.size or other.size
+        return self
+
+    def as_dict(self):
+        return {"slots": self.size, "calls": self.calls, "slot_steps": self.slot_steps, "useful": self.useful,
+                "occupancy": self.occupancy(), "occupancy_admitting": self.occupancy("admitting"),
+                "occupancy_tail": self.occupancy("tail"), "samples": self.samples}
+
+
+def check_slots(size) -> int:
+    """A slot count: an int >= 1."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"the slot count (batch_size) must be an int >= 1, got {size!r}")
+    return int(size)
+
+
+def run(program, units, *, check_every=None, device=None, on_unit_done=None, shrink=False) -> SlotStats:
+    """Run every unit of the iterable through the program's slots; returns the SlotStats.
+
+    Units are pulled lazily, as slots free up (a streamed data set is read as it is needed).
+    on_unit_done(unit) is called once all of a unit's phases have finished.
+    shrink: once nothing is left to admit, drop the empty slots (program.shrink(rows)), so the
+    last samples run on a smaller batch: compaction, for a single batch that has no stream to
+    refill from. It changes the batch shape, so a sample's numbers are then only as
+    independent of the others as the device's kernels make them (PyTorch's CPU kernels: at 8
+    rows or more, tests/test_slots.py); it is never used where exactness is promised.
+    """
+    size = program.size
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    check_every = CHECK_EVERY.get(device.type, 4) if check_every is None else int(check_every)
+    stats = SlotStats(size=size)
+    occupant = [None] * size  # (phase, position in phase.members) per slot
+    age = np.full(size, -1, dtype=np.int64)
+    limit = np.zeros(size, dtype=np.int64)
+    queue = []  # a heap of (-phases left, arrival, phase, position) waiting for a slot
+    arrivals = itertools.count()
+    units = iter(units)
+    source_open = True
+    remaining_phases = {}
+
+    def open_phase(unit, index, members):
+        phase = Phase(unit, index, members)
+        if len(members) == 0:
+            return close_phase(phase)
+        phase.state = program.begin(unit, index, members)
+        phase.outstanding = len(members)
+        stats.samples += len(members) if index == 0 else 0
+        left = remaining_phases[id(unit)] - index
+        for i in range(len(members)):
+            heapq.heappush(queue, (-left, next(arrivals), phase, i))
+
+    def close_phase(phase):
+        unit = phase.unit
+        if hasattr(program, "finish"):
+            program.finish(phase)
+        going_on = torch.as_tensor(phase.going_on, dtype=torch.long)
+        if phase.index + 1 < remaining_phases[id(unit)] and len(going_on):
+            return open_phase(unit, phase.index + 1, going_on)
+        del remaining_phases[id(unit)]
+        if on_unit_done is not None:
+            on_unit_done(unit)
+
+    def pull_unit():
+        nonlocal source_open
+        try:
+            unit = next(units)
+        except StopIteration:
+            source_open = False
+            return
+        remaining_phases[id(unit)] = program.phases(unit)
+        open_phase(unit, 0, torch.arange(unit.size) if unit.members is None else unit.members)
+
+    def fill():
+        free = [b for b in range(size) if occupant[b] is None]
+        while (len(queue) < len(free) or not queue) and source_open:  # an empty queue looks one unit ahead
+            pull_unit()
+        for group_phase, rows, positions in _groups((heapq.heappop(queue)[2:], b) for b in free[:len(queue)]):
+            program.admit(torch.as_tensor(rows), group_phase, torch.as_tensor(positions))
+            for b, p in zip(rows, positions):
+                occupant[b] = (group_phase, p)
+                age[b] = 0
+                limit[b] = program.steps
+
+    def retire(rows):
+        for phase, slot_rows, positions in _groups((occupant[b], b) for b in rows):
+            going_on = program.retire(torch.as_tensor(slot_rows), phase, torch.as_tensor(positions))
+            if going_on is not None:
+                phase.going_on.extend(int(phase.members[p]) for p, keep in zip(positions, going_on) if keep)
+            phase.outstanding -= len(slot_rows)
+            for b in slot_rows:
+                occupant[b] = None
+                age[b] = -1
+            if phase.outstanding == 0:
+                phase.going_on.sort()
+                close_phase(phase)
+
+    since_poll = 0
+    while True:
+        fill()
+        live = age >= 0
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
+        admitting = bool(queue) or source_open
+        program.step(age)
+        stats.calls += 1
+        stats.slot_steps += size
+        if admitting:
+            stats.useful_admitting += n_live
+            stats.steps_admitting += size
+        else:
+            stats.useful_tail += n_live
+            stats.steps_tail += size
+        age[live] += 1
+        since_poll += 1
+        exits = live & (age >= limit)
+        if since_poll >= check_every:
+            since_poll = 0
+            polled = program.poll(age, limit)  # may lower limit
+            if polled is not None:
+                exits |= live & (polled | (age >= limit))
+        if exits.any():
+            retire(np.flatnonzero(exits).tolist())
+            if shrink and not queue and not source_open and 0 < (age >= 0).sum() < size:
+                keep = np.flatnonzero(age >= 0)
+                program.shrink(torch.as_tensor(keep))
+                occupant, age, limit = [occupant[b] for b in keep], age[keep], limit[keep]
+                size = len(keep)
+    return stats
+
+
+def _groups(pairs):
+    """[(phase, rows, positions)] from (occupant, row) pairs, grouped by phase in first-seen order."""
+    out = {}
+    for (phase, position), row in pairs:
+        entry = out.setdefault(id(phase), (phase, [], []))
+        entry[1].append(row)
+        entry[2].append(position)
+    return list(out.values())
+
+
+@dataclasses.dataclass
+class Unit:
+    """A unit of work: samples whose draws are made together.
+
+    size: its sample count; data: whatever the program needs to begin it (tensors of the
+    unit's samples, a seed, ...); results: filled by the program as members retire; key:
+    the caller's name for it (an evaluation's chunk index, say).
+    """
+
+    size: int
+    data: dict = dataclasses.field(default_factory=dict)
+    results: dict = dataclasses.field(default_factory=dict)
+    key: object = None
+    members: torch.Tensor = None  # the positions phase 0 works on (None: all)
+    seed: int = None  # the seed of the unit's random draws, for programs that draw
+
+
+# -- exact cycle detection on slots --------------------------------------------------------------
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns as integers: a repeat is the same bits (0.0 and -0.0 differ, a NaN equals itself)."""
+    return t.view(_SAME_SIZE_INT[t.element_size()])
+
+
+def _flat_bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as a [rows, -1] view, whatever its memory format (the order of a row's elements
+    does not matter to a comparison of whole rows)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        t = t.permute(0, 2, 3, 1)
+    return bits(t).reshape(t.shape[0], -1)
+
+
+class CycleWatch:
+    """Which slots' iterates repeat an earlier one, bit for bit, and where their cycle lands.
+
+    The update writes each new iterate into ``next_buffer()``, a ring of the last ``history``
+    iterates of every slot (one tensor; no copy). When a slot's iterate after t steps equals
+    the one of p <= history - 1 steps earlier, its sequence has period p from there on (the
+    next iterate is a function of the current one, per sample), so its iterate after T steps
+    is the one (T - t) mod p steps further round the cycle, already in the ring. Periods the
+    ring cannot hold are caught by an anchor, the iterate saved at every power-of-two age:
+    once the anchor lies on the cycle, the iterate equals it again after p steps; then the
+    slot goes on for the (T - t) mod p steps that bring it to the same final iterate.
+
+    Each iterate gets a fingerprint as it is written (a float64 dot product of its bit
+    patterns with fixed random weights: one pass, deterministic at a fixed shape), and a
+    check compares fingerprints, [history, B] numbers; only the rows whose fingerprints
+    match are compared bit for bit, and only a bitwise match closes a cycle.
+    """
+
+    def __init__(self, adv: torch.Tensor, history: int):
+        if history < 2:
+            raise ValueError(f"the cycle history must be >= 2 iterates, got {history}")
+        self.history, self.rows = history, adv.shape[0]
+        self.store = torch.empty((history * self.rows, *adv.shape[1:]), dtype=adv.dtype, device=adv.device)
+        if adv.dim() == 4:
+            self.store = self.store.contiguous(memory_format=_format(adv))
+        self.ring = list(self.store.split(self.rows))  # [rows, ...] views, in adv's memory format
+        self.ring[0].copy_(adv)
+        gen = torch.Generator().manual_seed(0)
+        self.weights = torch.rand(adv[0].numel(), generator=gen, dtype=torch.float64).to(adv.device)
+        self.prints = torch.zeros(history, self.rows, dtype=torch.float64, device=adv.device)
+        self.positions = torch.arange(history, device=adv.device)
+        self.anchor = torch.empty_like(adv)
+        self.anchor_print = torch.zeros(self.rows, dtype=torch.float64, device=adv.device)
+        self.anchor_age = np.full(self.rows, -1, dtype=np.int64)
+        self.clock = 0  # the ring position of the current iterate
+
+    @property
+    def current(self) -> torch.Tensor:
+        return self.ring[self.clock % self.history]
+
+    def next_buffer(self) -> torch.Tensor:
+        return self.ring[(self.clock + 1) % self.history]
+
+    def _fingerprint(self, position):
+        torch.mv(_flat_bits(self.ring[position]).to(torch.float64), self.weights, out=self.prints[position])
+
+    def advance(self, age):
+        """The update wrote the next iterate; age: each slot's steps done, after it."""
+        self.clock += 1
+        position = self.clock % self.history
+        self._fingerprint(position)
+        save = (age > 0) & ((age & (age - 1)) == 0)  # powers of two
+        if save.any():
+            rows = torch.as_tensor(np.flatnonzero(save), device=self.anchor.device)
+            self.anchor.index_copy_(0, rows, self.current.index_select(0, rows))
+            self.anchor_print.index_copy_(0, rows, self.prints[position].index_select(0, rows))
+            self.anchor_age[save] = age[save]
+
+    def compare(self, age):
+        """On the device, per slot: the period whose fingerprint matches (0: none) and whether
+        the fingerprint is back at the anchor's. Both [B] long; no sync. resolve verifies them."""
+        h, dev = self.history, self.prints.device
+        cur = self.prints[self.clock % h]
+        back = (self.clock - self.positions) % h  # how many steps back each ring entry lies
+        depth = torch.as_tensor(np.minimum(np.maximum(age, 0), h - 1), device=dev)
+        valid = (self.prints == cur) & (back[:, None] > 0) & (back[:, None] <= depth[None, :])
+        period = torch.where(valid, back[:, None], h).amin(0)  # the shortest period wins
+        period = torch.where(period < h, period, 0)
+        anchored = torch.as_tensor((self.anchor_age >= 0) & (self.anchor_age < age), device=dev)
+        home = anchored & (self.anchor_print == cur)
+        return period, home.long()
+
+    def _verified(self, rows, others):
+        """Of the rows (numpy), those whose current iterate equals, bit for bit, the row of
+        `others` ([len(rows), ...] tensor) (one small sync)."""
+        idx = torch.as_tensor(rows, device=self.store.device)
+        cur = _flat_bits(self.current.index_select(0, idx))
+        return rows[np.array((cur == _flat_bits(others)).all(1).tolist(), dtype=bool)]
+
+    def resolve(self, period, back, age, limit, *, finish_long=True):
+        """The host side of compare (numpy arrays): returns the slots whose cycle is closed; the
+        ring's cycles get their final iterate written into the current ring buffer now. A cycle
+        found at the anchor lowers limit to the step that lands on the same final iterate
+        (finish_long), or closes at once (finish_long=False: only the flags are wanted, and
+        every iterate of the cycle has been seen)."""
+        closed = np.zeros(self.rows, dtype=bool)
+        rows = np.flatnonzero(period > 0)
+        if len(rows):
+            entries = (self.clock - period[rows]) % self.history * self.rows + rows
+            rows = self._verified(rows, self.store.index_select(0, torch.as_tensor(entries, device=self.store.device)))
+            closed[rows] = True
+        if closed.any():
+            rows = np.flatnonzero(closed)
+            p = period[rows]
+            offset = (self.clock - p + (limit[rows] - age[rows]) % p) % self.history
+            current = self.current
+            for r, o in zip(rows.tolist(), offset.tolist()):
+                if o != self.clock % self.history:
+                    current[r] = self.ring[o][r]
+        rows = np.flatnonzero((back > 0) & ~closed)
+        if len(rows):
+            rows = self._verified(rows, self.anchor.index_select(0, torch.as_tensor(rows, device=self.store.device)))
+            if len(rows) and not finish_long:
+                closed[rows] = True
+            elif len(rows):
+                p = age[rows] - self.anchor_age[rows]
+                limit[rows] = age[rows] + (limit[rows] - age[rows]) % p
+        return closed
+
+    def admit(self, rows: torch.Tensor):
+        """New occupants (their start iterates are in the current buffer): forget their anchors
+        and fingerprint their starts (the older ring entries are masked by age)."""
+        self.anchor_age[rows.cpu().numpy()] = -1
+        self._fingerprint(self.clock % self.history)
+
+
+# -- a fixed number of steps of one iterate: PGD, BIM, RFGSM, TPGD ------------------------------
+
+CYCLE_HISTORY = 16  # iterates the ring keeps per slot: periods up to 15 close at once
+
+
+def slot_buffers(data: dict, size: int) -> dict:
+    """Zeroed [size, ...] buffers shaped like the per-sample tensors of data (first dim = the
+    unit's samples), in their dtype, device and memory format; other values are kept as they
+    are (a float eps is the same for every slot)."""
+    from fastadv.validation import memory_format
+
+    n = next(v.shape[0] for v in data.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            buf = value.new_zeros((size, *value.shape[1:]))
+            out[key] = buf.contiguous(memory_format=memory_format(value)) if value.dim() == 4 else buf
+        else:
+            out[key] = value
+    return out
+
+
+class Iterations:
+    """adv <- update(adv, grad(adv), **per_sample), steps times per sample, on slots.
+
+    Each unit's ``data`` holds its members' start iterate ``adv`` and the per-sample inputs of
+    update and of the gradient (``x``, ``eps``, ``labels``, ...: [m, ...] tensors, or values the
+    samples share); ``prepare(unit)``, when given, fills it as the unit begins (its random
+    draws). make_grad(buffers) builds the gradient on the slot buffers: it reads them at
+    every call, so a refilled slot needs no new gradient; its ``succeeded()`` tells, per
+    slot, whether the last evaluated iterate fooled the model.
+
+    result, per unit (``unit.results``):
+    - 'final': ``adv``, every sample's iterate after steps steps;
+    - 'first_fooled': ``adv``, the first evaluated iterate that fooled the model, else the
+      final one (early_stop: the sample leaves once fooled);
+    - 'flags': ``robust``, [m] bool, True where no iterate fooled the model, the start and
+      the final iterate included (steps + 1 gradient evaluations; the sample leaves at its
+      first fooling iterate when fooled_exit).
+    cycle_exit: exact exit for samples whose iterates repeat (CycleWatch); valid only when a
+    sample's next iterate is a function of its current iterate alone.
+    """
+
+    RESULTS = ("final", "first_fooled", "flags")
+
+    def __init__(self, *, size, steps, update, make_grad, result="final", cycle_exit=False, fooled_exit=True,
+                 prepare=None, history=None):
+        if result not in self.RESULTS:
+            raise ValueError(f"result must be one of {self.RESULTS}, got {result!r}")
+        self.size = size
+        self.result = result
+        self.steps = steps + 1 if result == "flags" else steps
+        self.update = update
+        self.make_grad = make_grad
+        self.cycle_exit = cycle_exit
+        self.fooled_exit = fooled_exit and result != "final"
+        self.prepare = prepare
+        self.history = CYCLE_HISTORY if history is None else history
+        self.bufs = None
+
+    def phases(self, unit):
+        return 1
+
+    def _allocate(self, data):
+        self.bufs = slot_buffers(data, self.size)
+        adv = self.bufs.pop("adv")
+        self.watch = CycleWatch(adv, self.history) if self.cycle_exit else None
+        self._adv = adv
+        self.grad = self.make_grad(self.bufs)
+        self.fooled = torch.zeros(self.size, dtype=torch.bool, device=adv.device)
+        self.first = torch.empty_like(adv) if self.result == "first_fooled" else None
+
+    @property
+    def adv(self):
+        return self.watch.current if self.watch is not None else self._adv
+
+    def begin(self, unit, phase, members):
+        if self.prepare is not None and "adv" not in unit.data:
+            self.prepare(unit)
+        if self.bufs is None:
+            self._allocate(unit.data)
+        adv = unit.data["adv"]
+        if self.result == "flags":
+            unit.results.setdefault("robust", torch.ones(unit.size, dtype=torch.bool, device=adv.device))
+        else:
+            unit.results.setdefault("adv", torch.empty_like(adv))
+        return unit.data
+
+    def admit(self, rows, phase, positions):
+        data = phase.state
+        device_rows = rows.to(self.fooled.device)
+        members = phase.members[positions].to(self.fooled.device)
+        self.adv.index_copy_(0, device_rows, data["adv"].index_select(0, members))
+        for key, buf in self.bufs.items():
+            if isinstance(buf, torch.Tensor) and isinstance(data[key], torch.Tensor) and data[key].dim() > 0:
+                buf.index_copy_(0, device_rows, data[key].index_select(0, members))
+        self.fooled.index_fill_(0, device_rows, False)
+        if self.watch is not None:
+            self.watch.admit(rows)
+
+    def step(self, age):
+        adv = self.adv
+        g = self.grad(adv)
+        if self.result != "final":
+            fooled = self.grad.succeeded()
+            if self.first is not None:  # keep the iterate the gradient was taken at, where it fooled first
+                newly = (fooled & ~self.fooled).reshape(-1, *([1] * (adv.dim() - 1)))
+                torch.where(newly, adv, self.first, out=self.first)
+            self.fooled |= fooled
+        if self.watch is None:
+            self.update(adv, g, out=adv, **self.bufs)
+            return
+        self.update(adv, g, out=self.watch.next_buffer(), **self.bufs)
+        self.watch.advance(np.where(age >= 0, age + 1, -1))
+
+    def poll(self, age, limit):
+        if self.watch is None and not self.fooled_exit:
+            return None
+        fetch = [self.fooled.long()] if self.fooled_exit else []
+        if self.watch is not None:
+            fetch += list(self.watch.compare(age))
+        got = np.array(torch.stack(fetch).tolist())  # the one host sync of a poll
+        exits = got[0] > 0 if self.fooled_exit else np.zeros(self.size, dtype=bool)
+        if self.watch is not None:
+            # a fooled sample that retires now keeps its result; the cycle's final iterate is
+            # written only for the others (flags need no iterate: every one of the cycle was seen)
+            period, back = np.where(exits, 0, got[-2]), np.where(exits, 0, got[-1])
+            exits |= self.watch.resolve(period, back, age, limit, finish_long=self.result != "flags")
+        return exits
+
+    def retire(self, rows, phase, positions):
+        device_rows = rows.to(self.fooled.device)
+        members = phase.members[positions].to(self.fooled.device)
+        fooled = self.fooled.index_select(0, device_rows)
+        if self.result == "flags":
+            phase.unit.results["robust"].index_copy_(0, members, ~fooled)
+            return None
+        adv = self.adv.index_select(0, device_rows)
+        if self.first is not None:
+            adv = torch.where(fooled.reshape(-1, *([1] * (adv.dim() - 1))), self.first.index_select(0, device_rows), adv)
+        phase.unit.results["adv"].index_copy_(0, members, adv)
+        return None
+
+
+def iterate(update, grad, adv, steps, per_sample, *, size, result="final", cycle_exit=False, check_every=None,
+            stats=None):
+    """fastadv.loop.run's iterations on `size` slots, for one batch: returns every sample's result
+    iterate (see Iterations). grad: the whole batch's gradient; its ``on_slots(buffers)`` is the
+    same gradient on slot buffers and ``per_sample()`` its per-sample inputs (labels, ...)."""
+    data = {"adv": adv, **per_sample, **grad.per_sample()}
+    unit = Unit(adv.shape[0], data)
+    program = Iterations(size=size, steps=steps, update=_without(update, grad.per_sample()), make_grad=grad.on_slots,
+                         result=result, cycle_exit=cycle_exit)
+    done = run(program, [unit], check_every=check_every, device=adv.device)
+    if stats is not None:
+        stats.add(done)
+    return unit.results["adv"]
+
+
+def _without(update, keys):
+    """update, called without the gradient's own per-sample inputs (labels, ...)."""
+    keys = set(keys)
+    if not keys:
+        return update
+
+    def call(adv, g, out=None, **bufs):
+        return update(adv, g, out=out, **{k: v for k, v in bufs.items() if k not in keys})
+
+    return call
+
+
+def iterations(update, grad, adv, steps, per_sample, *, engine, model, backend_name, deterministic=True):
+    """An iterative attack's loop, run as the engine options ask: on slots (batch_size below the
+    batch, or the automatic cycle exit) or as one batch (fastadv.loop.run: eager, CUDA graph,
+    early stop). Every sign-step attack with a fixed step count goes through here."""
+    from fastadv import loop
+
+    slottable = deterministic and hasattr(grad, "on_slots")
+    size = engine.slot_count(adv.shape[0], steps, adv.device, model) if slottable else None
+    if size is None:
+        return loop.run(update, grad, adv, steps, per_sample, early_stop=engine.early_stop,
+                        cuda_graph=engine.use_graph(adv, backend_name), model=model)
+    return iterate(update, grad, adv, steps, per_sample, size=size,
+                   result="first_fooled" if engine.early_stop else "final",
+                   cycle_exit=engine.use_cycle_exit(model, deterministic))
+
+
+def forward_in_slots(forward, x: torch.Tensor, size: int) -> torch.Tensor:
+    """forward(x) in calls of exactly [size, ...] (the last one padded with zeros), without
+    gradients: every sample's logits come from the same shape as the attack's own calls."""
+    n = x.shape[0]
+    if n == size:
+        with torch.no_grad():
+            return forward(x)
+    outs = []
+    with torch.no_grad():
+        for lo in range(0, n, size):
+            chunk = x[lo:lo + size]
+            if chunk.shape[0] < size:
+                pad = chunk.new_zeros((size - chunk.shape[0], *chunk.shape[1:]))
+                chunk = torch.cat([chunk, pad.contiguous(memory_format=_format(chunk))])
+            outs.append(forward(chunk)[:min(size, n - lo)])
+    return torch.cat(outs)
+
+
+def _format(t):
+    from fastadv.validation import memory_format
+
+    return memory_format(t)
