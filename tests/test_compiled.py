@@ -24,7 +24,9 @@ import fastadv.functional as F
 from fastadv import compile_check as cc_
 from fastadv import kernels
 
-pytestmark = pytest.mark.compiled
+# One pytest worker runs this file: the checks of a target share one compilation (results()),
+# which another worker would repeat from scratch.
+pytestmark = [pytest.mark.compiled, pytest.mark.xdist_group("compile-check")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _results = {}
