@@ -19,6 +19,9 @@
 #                 their GPU batches (256, 128, 64, 256), exact + fast
 #        b512     PGD-10 at batch 512 on ResNet-18 and WRN-28-10, exact + fast
 #        aa       AutoAttack (standard) on the robust ResNet-18 at batch 500 vs pyautoattack
+#        slots    fixed-shape slots on CUDA: a sample's numbers at a fixed shape (small CNN, robust
+#                 ResNet-18, deterministic on and off), PGD-100/1000 on 64 slots vs torchattacks, and
+#                 evaluate's PGD-100, APGD-CE and AutoAttack with and without exits; slots_<device>.*
 #        plot     bar charts of every results file
 #
 # Machines without the reference libraries: put their wheels in .whl/ first (ignored by git)
@@ -67,8 +70,12 @@ part() {
         b512)    "$PY" -m benchmarks.bench_attacks --models resnet18,wrn-28-10 --attacks PGD --batch 512 --quiet ;;
         aa)      "$PY" -m benchmarks.bench_attacks --models robust-resnet18 --attacks AutoAttack --batch 500 \
                      --modes exact --repeats 2 --warmup 0 --quiet ;;
+        slots)   "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_slots.py ||
+                     { echo "gpu.sh slots: gpu tests FAILED; the benchmark runs anyway" >&2; FAILED=1; }
+                 "$PY" -m benchmarks.bench_slots --device cuda --models digits-cnn,robust-resnet18 --n 449 \
+                     --attacks "pgd-100;apgd-ce;pgd-100,apgd-ce;autoattack" --repeats 2 ;;
         plot)    "$PY" -m benchmarks.plot benchmarks/results ;;
-        *)       echo "unknown part '$1' (quick, tests, kernels, small, digits, large, b512, aa, plot, all)" >&2; return 2 ;;
+        *)       echo "unknown part '$1' (quick, tests, kernels, small, digits, large, b512, aa, slots, plot, all)" >&2; return 2 ;;
     esac
 }
 
@@ -77,14 +84,14 @@ PARTS=()
 for a in "$@"; do
     if [ "$a" = --dry-run ]; then DRY_RUN=1; else PARTS+=("$a"); fi
 done
-[ ${#PARTS[@]} -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+[ ${#PARTS[@]} -gt 0 ] || { sed -n '2,31p' "$0"; exit 2; }
 [ "$DRY_RUN" = 0 ] || [ "${PARTS[*]}" = quick ] || { echo "--dry-run goes with quick only" >&2; exit 2; }
 SECONDS=0
 FAILED=0
 setup
 for p in "${PARTS[@]}"; do
     if [ "$p" = all ]; then
-        for q in tests kernels small digits large b512 aa plot; do part "$q"; done
+        for q in tests kernels small digits large b512 aa slots plot; do part "$q"; done
     else
         part "$p"
     fi

@@ -15,6 +15,9 @@ class CallCounter(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        # the wrapper's own mode is the model's: a library that restores "the model's mode" after
+        # an attack (torchattacks) would otherwise put an eval model into training mode
+        self.training = bool(getattr(model, "training", False))
         self.reset()
 
     def reset(self):

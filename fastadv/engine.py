@@ -112,6 +112,7 @@ class EngineOptions:
 
         model: the attacked nn.Module, or the attack's forward (an Attack's bound get_logits).
         deterministic: False for attacks with randomness in each step (EOT).
+        quiet: no warning when a module in training mode turns the exit off (the caller only asks).
         """
         if self.cycle_exit is False or self.early_stop or not deterministic:
             return False
@@ -120,7 +121,7 @@ class EngineOptions:
             return bool(self.cycle_exit)
         training = training_module(module)
         if training is not None:
-            if self.cycle_exit and not quiet:
+            if self.cycle_exit is not False and not quiet:
                 warnings.warn(f"fastadv: cycle_exit is off: {training} is in training mode, so a sample's "
                               "next iterate may depend on the rest of the batch", stacklevel=4)
             return False

@@ -402,9 +402,10 @@ class _Run:
             try:
                 data_id = self.source.identity(read=state_path is not None)
             except Exception as e:  # a data set read whole can fail on rank 0 alone: every rank raises it
+                data_id = e if isinstance(e, (DataError, EvaluationError)) else EvaluationError(
+                    f"reading the data set to fingerprint it failed: {type(e).__name__}: {e}")
                 if self.world == 1:
-                    raise
-                data_id = e
+                    raise data_id from e
         if self.world > 1:
             data_id = broadcast_object(data_id)
             if isinstance(data_id, Exception):
@@ -490,6 +491,10 @@ class _Run:
                 xb, yb = next(batches)
             except StopIteration:
                 raise EvaluationError(f"the data ended early: no data for the {where}") from None
+            except (DataError, EvaluationError):
+                raise
+            except Exception as e:  # a data set that fails to read: name the batch
+                raise EvaluationError(f"reading the {where} failed: {type(e).__name__}: {e}") from e
             if self.source.streamed or xb.shape[0] != len(idx):
                 check_batch(xb, yb, self.n_classes, where, EvaluationError)
                 if xb.shape[0] != len(idx):
@@ -568,7 +573,8 @@ class _Run:
             entries = [stage_entry(j) for j in ks]
             attacks.append({
                 "name": spec.name, "norm": spec.norm, "params": spec.params, "robust": counts[last],
-                "robust_accuracy": counts[last] / n, "seconds": sum(e["seconds"] for e in entries),
+                "robust_accuracy": counts[last] / n, "attacked": entries[0]["attacked"],
+                "seconds": sum(e["seconds"] for e in entries),
                 "forwards": sum(e["forwards"] for e in entries), "backwards": sum(e["backwards"] for e in entries),
                 "gradients_per_sample": entries[0]["gradients_per_sample"] if len(entries) == 1 else None,
                 "slots": entries[0]["slots"] if len(entries) == 1 else None,

@@ -99,13 +99,6 @@ class SlotStats:
                 "occupancy_tail": self.occupancy("tail"), "samples": self.samples}
 
 
-def check_slots(size) -> int:
-    """A slot count: an int >= 1."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"the slot count (batch_size) must be an int >= 1, got {size!r}")
-    return int(size)
-
-
 def run(program, units, *, check_every=None, device=None, on_unit_done=None, shrink=False) -> SlotStats:
     """Run every unit of the iterable through the program's slots; returns the SlotStats.
 
@@ -114,8 +107,9 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None, shr
     shrink: once nothing is left to admit, drop the empty slots (program.shrink(rows)), so the
     last samples run on a smaller batch: compaction, for a single batch that has no stream to
     refill from. It changes the batch shape, so a sample's numbers are then only as
-    independent of the others as the device's kernels make them (PyTorch's CPU kernels: at 8
-    rows or more, tests/test_slots.py); it is never used where exactness is promised.
+    independent of the others as the device's kernels make them (PyTorch's CPU kernels gave
+    the same bits at 8 rows or more on every model tested, tests/test_slots.py, not at 1 or 2);
+    it is never used where exactness is promised.
     """
     size = program.size
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -284,7 +278,7 @@ class CycleWatch:
     match are compared bit for bit, and only a bitwise match closes a cycle.
     """
 
-    def __init__(self, adv: torch.Tensor, history: int):
+    def __init__(self, adv: torch.Tensor, history: int, anchor: bool = True):
         if history < 2:
             raise ValueError(f"the cycle history must be >= 2 iterates, got {history}")
         self.history, self.rows = history, adv.shape[0]
@@ -296,10 +290,10 @@ class CycleWatch:
         gen = torch.Generator().manual_seed(0)
         self.weights = torch.rand(adv[0].numel(), generator=gen, dtype=torch.float64).to(adv.device)
         self.prints = torch.zeros(history, self.rows, dtype=torch.float64, device=adv.device)
-        self.positions = torch.arange(history, device=adv.device)
         self.anchor = torch.empty_like(adv)
         self.anchor_print = torch.zeros(self.rows, dtype=torch.float64, device=adv.device)
         self.anchor_age = np.full(self.rows, -1, dtype=np.int64)
+        self.anchored = anchor
         self.clock = 0  # the ring position of the current iterate
 
     @property
@@ -318,25 +312,31 @@ class CycleWatch:
         position = self.clock % self.history
         self._fingerprint(position)
         save = (age > 0) & ((age & (age - 1)) == 0)  # powers of two
-        if save.any():
+        if self.anchored and save.any():
             rows = torch.as_tensor(np.flatnonzero(save), device=self.anchor.device)
             self.anchor.index_copy_(0, rows, self.current.index_select(0, rows))
             self.anchor_print.index_copy_(0, rows, self.prints[position].index_select(0, rows))
             self.anchor_age[save] = age[save]
 
-    def compare(self, age):
-        """On the device, per slot: the period whose fingerprint matches (0: none) and whether
-        the fingerprint is back at the anchor's. Both [B] long; no sync. resolve verifies them."""
-        h, dev = self.history, self.prints.device
-        cur = self.prints[self.clock % h]
-        back = (self.clock - self.positions) % h  # how many steps back each ring entry lies
-        depth = torch.as_tensor(np.minimum(np.maximum(age, 0), h - 1), device=dev)
-        valid = (self.prints == cur) & (back[:, None] > 0) & (back[:, None] <= depth[None, :])
-        period = torch.where(valid, back[:, None], h).amin(0)  # the shortest period wins
-        period = torch.where(period < h, period, 0)
-        anchored = torch.as_tensor((self.anchor_age >= 0) & (self.anchor_age < age), device=dev)
-        home = anchored & (self.anchor_print == cur)
-        return period, home.long()
+    def fetchable(self):
+        """The device numbers a check needs (the fingerprints of the ring and of the anchors),
+        flat, for the caller to fetch with its own in one host sync."""
+        return torch.cat([self.prints.flatten(), self.anchor_print])
+
+    def match(self, fetched, age):
+        """On the host, from fetchable()'s numbers: per slot, the period whose fingerprint
+        matches (0: none) and whether the fingerprint is back at the anchor's (numpy arrays).
+        resolve verifies them bit for bit."""
+        h, rows = self.history, self.rows
+        prints, anchor = fetched[:h * rows].reshape(h, rows), fetched[h * rows:]
+        cur = prints[self.clock % h]
+        back = (self.clock - np.arange(h)) % h  # how many steps back each ring entry lies
+        depth = np.minimum(np.maximum(age, 0), h - 1)
+        valid = (prints == cur) & (back[:, None] > 0) & (back[:, None] <= depth[None, :])
+        period = np.where(valid, back[:, None], h).min(0)
+        period = np.where(period < h, period, 0)
+        home = (self.anchor_age >= 0) & (self.anchor_age < age) & (anchor == cur)
+        return period, home
 
     def _verified(self, rows, others):
         """Of the rows (numpy), those whose current iterate equals, bit for bit, the row of
@@ -346,7 +346,7 @@ class CycleWatch:
         return rows[np.array((cur == _flat_bits(others)).all(1).tolist(), dtype=bool)]
 
     def resolve(self, period, back, age, limit, *, finish_long=True):
-        """The host side of compare (numpy arrays): returns the slots whose cycle is closed; the
+        """The host side of a check (match's numpy arrays): returns the slots whose cycle is closed; the
         ring's cycles get their final iterate written into the current ring buffer now. A cycle
         found at the anchor lowers limit to the step that lands on the same final iterate
         (finish_long), or closes at once (finish_long=False: only the flags are wanted, and
@@ -385,6 +385,7 @@ class CycleWatch:
 # -- a fixed number of steps of one iterate: PGD, BIM, RFGSM, TPGD ------------------------------
 
 CYCLE_HISTORY = 16  # iterates the ring keeps per slot: periods up to 15 close at once
+CYCLE_ANCHOR = True  # also catch longer periods at the power-of-two anchors (benchmarks/bench_slots.py)
 
 
 def slot_buffers(data: dict, size: int) -> dict:
@@ -448,7 +449,7 @@ class Iterations:
     def _allocate(self, data):
         self.bufs = slot_buffers(data, self.size)
         adv = self.bufs.pop("adv")
-        self.watch = CycleWatch(adv, self.history) if self.cycle_exit else None
+        self.watch = CycleWatch(adv, self.history, anchor=CYCLE_ANCHOR) if self.cycle_exit else None
         self._adv = adv
         self.grad = self.make_grad(self.bufs)
         self.fooled = torch.zeros(self.size, dtype=torch.bool, device=adv.device)
@@ -500,16 +501,17 @@ class Iterations:
     def poll(self, age, limit):
         if self.watch is None and not self.fooled_exit:
             return None
-        fetch = [self.fooled.long()] if self.fooled_exit else []
+        parts = [self.fooled.to(torch.float64)] if self.fooled_exit else []
         if self.watch is not None:
-            fetch += list(self.watch.compare(age))
-        got = np.array(torch.stack(fetch).tolist())  # the one host sync of a poll
-        exits = got[0] > 0 if self.fooled_exit else np.zeros(self.size, dtype=bool)
+            parts.append(self.watch.fetchable())
+        got = np.array(torch.cat(parts).tolist())  # the one host sync of a poll
+        exits = got[:self.size] > 0 if self.fooled_exit else np.zeros(self.size, dtype=bool)
         if self.watch is not None:
+            period, home = self.watch.match(got[self.size:] if self.fooled_exit else got, age)
             # a fooled sample that retires now keeps its result; the cycle's final iterate is
             # written only for the others (flags need no iterate: every one of the cycle was seen)
-            period, back = np.where(exits, 0, got[-2]), np.where(exits, 0, got[-1])
-            exits |= self.watch.resolve(period, back, age, limit, finish_long=self.result != "flags")
+            period, home = np.where(exits, 0, period), home & ~exits
+            exits |= self.watch.resolve(period, home, age, limit, finish_long=self.result != "flags")
         return exits
 
     def retire(self, rows, phase, positions):

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from fastadv import ops, slots
-from fastadv.engine import CrossEntropyGradient
+from fastadv.engine import CYCLE_MIN_STEPS, CrossEntropyGradient
 
 
 @dataclasses.dataclass
@@ -71,8 +71,10 @@ def pgd_stage(name, eps, steps, alpha):
         unit.data["adv"] = uniform_start(x, eps)
 
     def program(forward, size, n_classes, exits):
+        # the cycle exit from CYCLE_MIN_STEPS steps: shorter runs settle too rarely to pay for the checks
         return slots.Iterations(
-            size=size, steps=steps, update=update, result="flags", cycle_exit=exits, fooled_exit=exits,
+            size=size, steps=steps, update=update, result="flags", cycle_exit=exits and steps >= CYCLE_MIN_STEPS,
+            fooled_exit=exits,
             prepare=prepare,
             make_grad=lambda bufs: CrossEntropyGradient(forward, bufs["y"], scale=size),
         )

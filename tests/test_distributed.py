@@ -40,16 +40,19 @@ def single_thread(fn):
 def test_distributed_eval_equals_single_process(tmp_path, trained_models):
     ckpt = tmp_path / "cnn.pt"
     torch.save(trained_models["cnn"].state_dict(), ckpt)
-    # 200 samples in batches of 32: 7 batches, so the second rank gets one batch fewer.
-    torchrun("eval", "--checkpoint", str(ckpt), "--limit", "200", "--batch-size", "32", "--attack", "fgsm,pgd-10",
-             "--eps", str(EPS), "--report", "report.json", "--state", "state.pt", "--quiet", cwd=tmp_path)
+    # 200 samples in units of 6 on 6 slots: 34 clean units, then the points still robust (about
+    # 120 after fgsm at eps 0.1): each rank streams its ~10 units of each stage through its own
+    # slots in two rounds of flag exchanges, with the exits on.
+    attacks = ["fgsm", "pgd-30", "apgd-ce-10"]
+    torchrun("eval", "--checkpoint", str(ckpt), "--limit", "200", "--batch-size", "6", "--attack", ",".join(attacks),
+             "--eps", "0.1", "--report", "report.json", "--state", "state.pt", "--quiet", cwd=tmp_path)
     dist_report = json.loads((tmp_path / "report.json").read_text())
     dist_state = torch.load(tmp_path / "state.pt", weights_only=True)
 
     _, (x, y) = load_digits(seed=0)
     model = SmallCNN()
     model.load_state_dict(torch.load(ckpt, weights_only=True))
-    single = single_thread(lambda: evaluate(model.eval(), x[:200], y[:200], ["fgsm", "pgd-10"], eps=EPS, batch_size=32))
+    single = single_thread(lambda: evaluate(model.eval(), x[:200], y[:200], attacks, eps=0.1, batch_size=6))
 
     assert dist_report["world_size"] == 2 and single["world_size"] == 1
     assert dist_report["n"] == single["n"] == 200  # exact counts: no padded duplicates
@@ -59,9 +62,11 @@ def test_distributed_eval_equals_single_process(tmp_path, trained_models):
     assert dist_report["robust_accuracy"] == single["robust_accuracy"]
     assert torch.equal(dist_state["flags"][-1], single["robust_flags"])
     assert single["robust"] < single["clean"]["correct"]
+    # the calls are summed over the ranks: each point was attacked once, somewhere
+    assert [a["attacked"] for a in dist_report["attacks"]] == [a["attacked"] for a in single["attacks"]]
 
     # The state is independent of the world size: a single process resumes the finished one.
-    again = single_thread(lambda: evaluate(model, x[:200], y[:200], ["fgsm", "pgd-10"], eps=EPS, batch_size=32,
+    again = single_thread(lambda: evaluate(model, x[:200], y[:200], attacks, eps=0.1, batch_size=6,
                                            state_path=tmp_path / "state.pt"))
     assert again["resumed"] and again["robust"] == single["robust"]
 

@@ -151,11 +151,20 @@ def test_training_mode_turns_the_exit_off_with_a_warning(trained_models, test_se
 # -- evaluation on slots ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attacks", [["pgd-60"], ["apgd-ce-30"], ["fgsm", "pgd-40", "apgd-t-10"]])
-@pytest.mark.parametrize("size", [13, 64])
-def test_evaluate_flags_with_and_without_exits_are_identical(robust_cnn, test_set, attacks, size):
+@pytest.mark.parametrize("attacks,size,model_name", [
+    (["pgd-60"], 13, "robust"), (["pgd-60"], 64, "robust"), (["apgd-ce-30"], 13, "robust"),
+    (["apgd-ce-30"], 64, "robust"), (["fgsm", "pgd-40", "apgd-t-10"], 13, "robust"),
+    (["fgsm", "pgd-40", "apgd-t-10"], 64, "robust"), (["pgd-60", "apgd-dlr-20"], 29, "cnn"),
+    (["pgd-60", "apgd-t-10"], 29, "mlp"),
+])
+def test_evaluate_flags_with_and_without_exits_are_identical(robust_cnn, trained_models, test_set, attacks, size,
+                                                             model_name):
+    """Trained models (the PGD-trained CNN, the BatchNorm CNN in eval mode, the MLP), odd slot
+    counts, 150 points (not a multiple): every flag equal, never more gradient evaluations."""
+    model = robust_cnn if model_name == "robust" else trained_models[model_name]
     x, y = test_set[0][:150], test_set[1][:150]
-    reports = {exits: evaluate(robust_cnn, x, y, attacks, eps=0.2, batch_size=size, exits=exits)
+    reports = {exits: evaluate(model, x, y, attacks, eps=0.2 if model_name == "robust" else 0.1, batch_size=size,
+                               exits=exits)
                for exits in (True, False)}
     assert torch.equal(reports[True]["robust_flags"], reports[False]["robust_flags"])
     for a, b in zip(reports[True]["attacks"], reports[False]["attacks"]):
@@ -215,20 +224,34 @@ def test_evaluate_bad_slot_counts(robust_cnn, test_set):
         fastadv.PGD(robust_cnn, batch_size=0)
 
 
-def test_evaluate_names_a_stream_that_ends_early(robust_cnn, test_set):
-    class Short(torch.utils.data.Dataset):
-        """Claims 40 samples, has 30: the loader fails on the missing ones."""
+def test_evaluate_names_a_batch_that_fails_and_keeps_the_state(robust_cnn, test_set, tmp_path):
+    """A data set that claims 40 samples and fails on the last ones: a clear error naming the
+    batch, raised in the attack stage; the state file keeps the clean pass."""
 
+    class Short(torch.utils.data.Dataset):
         def __len__(self):
             return 40
 
+        def fingerprint(self):  # its own identity: the state file check reads no sample
+            return "short-40"
+
         def __getitem__(self, i):
             if i >= 30:
-                raise IndexError(i)
+                raise IndexError(f"no sample {i}")
             return test_set[0][i], int(test_set[1][i])
 
-    with pytest.raises((EvaluationError, IndexError)):
-        evaluate(robust_cnn, Short(), ["pgd-10"], eps=0.1, batch_size=8)
+    state = tmp_path / "state.pt"
+    with pytest.raises(EvaluationError, match=r"batch of samples 24\.\.31 \(clean pass\)"):
+        evaluate(robust_cnn, Short(), ["pgd-10"], eps=0.1, batch_size=8, state_path=state)
+    saved = torch.load(state, weights_only=True)
+    assert bool(saved["done"][0, :24].all()) and not bool(saved["done"][0, 24:].any())
+
+
+def test_call_counter_keeps_an_eval_model_in_eval(robust_cnn, test_set):
+    """torchattacks restores 'the model's mode' after an attack: the wrapper's mode is the model's."""
+    counted = CallCounter(robust_cnn)
+    torchattacks.PGD(counted, eps=0.1, alpha=0.05, steps=2)(test_set[0][:8], test_set[1][:8])
+    assert not any(m.training for m in robust_cnn.modules())
 
 
 def test_scheduler_phases_and_units_on_a_synthetic_program():
@@ -272,3 +295,23 @@ def test_scheduler_phases_and_units_on_a_synthetic_program():
     assert units[1].results["phases"] == {0: [0], 1: [0], 2: [0]}
     assert stats.useful == sum((m + k) % 4 + 1 for k, n in enumerate((5, 1, 4)) for m in range(n)) + \
         2 * sum((m + k) % 4 + 1 for k, n in enumerate((5, 1, 4)) for m in range(0, n, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,norm,eps", [("autoattack", "Linf", 0.1), ("autoattack-l2", "L2", 0.6)])
+def test_cli_autoattack_flags_equal_the_original(robust_cnn, test_set, tmp_path, capsys, monkeypatch, name, norm, eps):
+    """`fastadv eval --attack autoattack` (the original's standard version, full budget) on 40
+    digits: the state file's flags after each sub-attack equal pyautoattack's at chunk 250."""
+    from fastadv.cli import main
+
+    ckpt, state = tmp_path / "robust.pt", tmp_path / "state.pt"
+    torch.save(robust_cnn.state_dict(), ckpt)
+    rc = main(["eval", "--checkpoint", str(ckpt), "--attack", name, "--eps", str(eps), "--limit", "40",
+               "--batch-size", "250", "--state", str(state), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    flags = torch.load(state, weights_only=True)["flags"]
+    x, y = test_set[0][:40].clone(), test_set[1][:40].clone()
+    _, flags_ref = _original_autoattack(robust_cnn, x, y, monkeypatch, norm=norm, eps=eps, batch_size=250)
+    assert len(flags) == 1 + len(flags_ref)
+    for k, (stage, ref) in enumerate(flags_ref.items(), start=1):
+        assert torch.equal(flags[k], ref), f"{name}, after {stage}: {int((flags[k] != ref).sum())} flags differ"

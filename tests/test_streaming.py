@@ -164,7 +164,8 @@ def test_distributed_evaluation_of_a_dataloader_reads_only_each_ranks_shard(tmp_
     # a bad sample in rank 1's batch 1: rank 1 names it, rank 0 stops in the same round instead of waiting
     errors = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["bad_batch_error"] for rank in (0, 1)]
     assert errors[1] == "EvaluationError: batch of samples 32..63 (clean pass): images must lie in [0, 1], got values in [0, 2]"
-    assert errors[0] == "EvaluationError: rank 1 failed on batch 1 (clean pass), so every rank stops; rank 1's error says why"
+    assert errors[0] == ("EvaluationError: rank 1 failed on the batch of samples 32..63 (clean pass), so every rank "
+                         "stops; rank 1's error says why")
 
 
 def test_an_unreadable_image_under_torchrun_stops_both_training_ranks(tmp_path, test_set):
