@@ -4,6 +4,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# One pytest worker per core (pytest-xdist); tests that share a compiled model stay on one
+# worker (xdist_group). PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadgroup
 DEMO_ARGS ?=
 # The oldest triton the kernels are proven to compile with (pyproject's lower bound; the lent
 # GPU machines carry it). Installed once beside the venv, only for the `compiled` tests, which
@@ -14,7 +18,7 @@ DEMO_ARGS ?=
 TRITON_OLDEST ?= 3.6.0
 TRITON_OLDEST_DIR ?= .cache/triton-$(TRITON_OLDEST)
 
-.PHONY: venv triton-oldest test test-fast test-compiled demo bench clean
+.PHONY: venv triton-oldest test test-fast test-compiled demo bench docs clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,14 +40,14 @@ triton-oldest: $(TRITON_OLDEST_DIR)/.installed
 # make test compiles every kernel launch for sm_80/90/100 with the newest triton, and for sm_90 with
 # the oldest; the oldest on sm_80/sm_100 (marker `sweep`) is left to `make test-compiled`.
 test: venv triton-oldest
-	$(BIN)/python -m pytest -m "not sweep" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not sweep" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow and not sweep" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not sweep" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # Only the GPU-compile checks (sm_80/90/100, both tritons)
 test-compiled: venv triton-oldest
-	FASTADV_TRITON_OLDEST=$(TRITON_OLDEST_DIR) $(BIN)/python -m pytest -m compiled $(PYTEST_ARGS)
+	FASTADV_TRITON_OLDEST=$(TRITON_OLDEST_DIR) $(BIN)/python -m pytest -m compiled $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m fastadv demo $(DEMO_ARGS)
@@ -55,5 +59,14 @@ bench: venv
 	$(BIN)/python -m benchmarks.bench_autoattack_cpu
 	$(BIN)/python -m benchmarks.plot benchmarks/results
 
+# The documentation site (site/): MkDocs with the reference pages built from the docstrings;
+# --strict makes a broken link, anchor or reference an error.
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .cache build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) .cache build dist *.egg-info .pytest_cache site

@@ -9,6 +9,9 @@ bandwidth) when the file has such rows. It returns the paths written; the CLI
 
     python -m benchmarks.plot benchmarks/results/                 # PNGs beside the JSON files
     python -m benchmarks.plot benchmarks/results/cpu-amd-epyc-2c.json -o /tmp/plots
+    python -m benchmarks.plot --summary A.json B.json -o speed.png  # one picture of every row's speedup
+
+``plot_summary(paths, out_png)`` draws that one picture (docs/speed.png, shown in the README).
 """
 import argparse
 import math
@@ -125,6 +128,69 @@ def plot_kernels(rows, out_png, title=""):
     return out_png
 
 
+def summary_rows(paths):
+    """The attack rows of the given results files, one per (device, model, batch, mode, attack):
+    against torchattacks where it was measured, else against the other reference."""
+    chosen = {}
+    for path in paths:
+        for r in results.load_rows(path):
+            if r.get("bench") != "attacks" or not r.get("speedup"):
+                continue
+            key = (r.get("device"), r["model"], r["batch"], r["mode"], r["attack"])
+            if key not in chosen or r.get("reference") == "torchattacks":
+                chosen[key] = r
+    return list(chosen.values())
+
+
+def plot_summary(paths, out_png):
+    """One picture of measured speed: per results row, fastadv's time over its reference's, one
+    panel per device, model and batch (each titled with the device as the results file names it)."""
+    rows = summary_rows(paths)
+    if not rows:
+        raise ValueError(f"no attack rows with a speedup in {[str(p) for p in paths]}")
+    plt = _pyplot()
+    groups = {}
+    for r in rows:
+        groups.setdefault((r.get("device"), r["model"], r["batch"]), []).append(r)
+    panels = {}  # a model with a few rows shares its device's panel, its rows labelled with it
+    for (device, model, batch), rs in groups.items():
+        key = (device, model, batch) if len(rs) >= 3 else (device, None, None)
+        panels.setdefault(key, []).extend(rs)
+    height = max(len(rs) for rs in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 1.2 + 0.27 * height), squeeze=False)
+    for ax, ((device, model, batch), rs) in zip(axes.flat, panels.items()):
+        labels = [r["attack"] + ("" if model else f", {r['model']} b{r['batch']}")
+                  + (f" ({r['mode']})" if r["mode"] != "exact" else "")
+                  + ("" if r.get("reference") == "torchattacks" else f" vs {r['reference']}") for r in rs]
+        speedups = [r["speedup"] for r in rs]
+        colors = [COLORS["fastadv"] if s >= 1 else COLORS["torchattacks"] for s in speedups]
+        ys = range(len(rs))[::-1]
+        ax.barh(list(ys), speedups, color=colors, height=0.7)
+        for y, sp in zip(ys, speedups):
+            ax.annotate(f"{sp:.2f}x", (sp, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_xscale("log")
+        lo, hi = min(0.5, min(speedups) * 0.8), max(2.0, max(speedups) * 1.6)
+        ticks = [t for t in (0.5, 1, 2, 4, 8, 16) if lo <= t <= hi]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks], fontsize=8)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.axvline(1.0, color=COLORS["floor"], linewidth=1)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(-0.6, height - 0.4)
+        ax.set_xlabel("reference time / fastadv time (> 1x: fastadv faster)", fontsize=8)
+        kind = "GPU" if rs[0].get("device_kind") == "cuda" else "CPU"
+        ax.set_title(f"{kind}: {device}" + (f"\n{model}, batch {batch}" if model else ""), fontsize=9)
+    refs = sorted({r["reference"] for r in rows})
+    fig.suptitle(f"fastadv against {' and '.join(refs)}, measured side by side (one bar per results row)", fontsize=10)
+    fig.tight_layout()
+    out_png = pathlib.Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110, metadata={"Software": None})  # the same bytes from the same rows
+    plt.close(fig)
+    return out_png
+
+
 def plot(source, out_dir=None):
     """PNGs for every results JSON in source (a file or a folder); returns the paths written."""
     written = []
@@ -142,11 +208,17 @@ def plot(source, out_dir=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description="Bar charts of benchmark results.")
-    p.add_argument("source", nargs="?", default=str(results.RESULTS_DIR), help="results JSON file or folder")
-    p.add_argument("-o", "--out-dir", help="where to write the PNGs (default: beside each JSON file)")
+    p.add_argument("source", nargs="*", default=[str(results.RESULTS_DIR)], help="results JSON file(s) or a folder")
+    p.add_argument("-o", "--out-dir", help="where to write the PNGs (default: beside each JSON file); with --summary "
+                                            "the PNG file itself")
+    p.add_argument("--summary", action="store_true", help="one picture of the speedups of every given results file")
     args = p.parse_args(argv)
-    for path in plot(args.source, args.out_dir):
-        print(path)
+    if args.summary:
+        print(plot_summary(args.source, args.out_dir or "speed.png"))
+        return
+    for source in args.source:
+        for path in plot(source, args.out_dir):
+            print(path)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from fastadv.attack import Attack
 from fastadv.attacks import REGISTRY, resolve
 
 __version__ = "0.1.0"
-# As torchattacks lists them: the attacks that wrap other attacks or models.
+"""fastadv's version."""
 __wrapper__ = ["LGV", "MultiAttack"]
+"""The attacks that wrap other attacks or models, as torchattacks lists them."""
 
 
 def install_as_torchattacks():

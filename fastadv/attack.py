@@ -8,11 +8,14 @@ already in [0, 1] space and on the model's device.
 import dataclasses
 import inspect
 import warnings
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from fastadv import backend, saving, validation
 from fastadv.engine import EngineOptions, finite_or_clean, model_device, model_guard
+from fastadv.hints import EngineKwargs, Unpack
 from fastadv.loop import chunked
 
 ENGINE_KEYWORDS = tuple(f.name for f in dataclasses.fields(EngineOptions))
@@ -49,7 +52,8 @@ class Attack:
     # (fastadv.slots); the others are called chunk by chunk.
     runs_on_slots = False
 
-    def __init__(self, name, model, backend=None, **engine):
+    def __init__(self, name: str, model: nn.Module, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         self._check_keywords(engine)
         self.attack = name
         self._attacks = {}

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import math
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -64,13 +65,13 @@ class EngineOptions:
     fast: shorthand for precision='bf16' and channels_last=True.
     """
 
-    precision: str = None
+    precision: Optional[str] = None
     channels_last: bool = False
     early_stop: bool = False
-    batch_size: int = None
-    cuda_graph: bool = None
+    batch_size: Optional[int] = None
+    cuda_graph: Optional[bool] = None
     fast: bool = False
-    cycle_exit: bool = None
+    cycle_exit: Optional[bool] = None
 
     def __post_init__(self):
         if self.fast:

@@ -44,13 +44,14 @@ import sys
 import time
 import types
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from fastadv import slots
 from fastadv.data import DataError, as_source, check_batch, split_data_args
 from fastadv.engine import model_device, model_guard
+from fastadv.hints import Data, Model, PathLike
 from fastadv.runstate import (  # noqa: F401  (atomic_*, data_digest, progress_bar: imported from here by callers)
     StateFileError, atomic_save, atomic_write_text, attack_view, broadcast_object, comm_device, data_digest,
     description_fingerprint, dist_info,
@@ -252,8 +253,9 @@ def _check_adversarial(name, norm, adv, x, eps):
                               f"({norm} distance {worst:.6g} for eps {eps}, values in [{lo:.4g}, {hi:.4g}])")
 
 
-def evaluate(model, data, *args, eps, batch_size=None, state_path=None, seed=0, progress=False, log=None,
-             exits=True):
+def evaluate(model: Model, data: Data, *args: Union[torch.Tensor, Sequence[Union[str, AttackSpec]]], eps: float,
+             batch_size: Optional[int] = None, state_path: Optional[PathLike] = None, seed: int = 0,
+             progress: bool = False, log: Optional[Callable[[str], object]] = None, exits: bool = True) -> dict:
     """Robust accuracy of model on data under the cascade of attacks; returns a report dict.
 
     ``evaluate(model, data, attacks, eps=...)``, data a DataLoader, a map-style Dataset

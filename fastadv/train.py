@@ -50,6 +50,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -59,6 +60,7 @@ from fastadv.attacks.pgd import pgd_loop
 from fastadv.attacks.tpgd import tpgd_loop
 from fastadv.data import as_source, check_batch, split_data_args
 from fastadv.engine import EngineOptions, autocast_dtype, model_device, model_guard
+from fastadv.hints import Data, PathLike
 from fastadv.runstate import (StateFileError, atomic_save, attack_view, description_fingerprint, dist_info,
                               model_digest, progress_bar, read_state_file, structure_digest)
 
@@ -131,14 +133,14 @@ class TrainConfig:
 
     method: str = "pgd"
     eps: float = 8 / 255
-    alpha: float = None
+    alpha: Optional[float] = None
     steps: int = 10
     beta: float = 6.0
     replays: int = 4
     random_start: bool = True
     bn_training: bool = False
-    amp: str = None
-    backend: str = None
+    amp: Optional[str] = None
+    backend: Optional[str] = None
     cuda_graph: bool = False
 
     def __post_init__(self):
@@ -509,9 +511,12 @@ def _deferred_sigint(enabled, world=1, device=None):
 
 # -- the reference trainer --------------------------------------------------------------------
 
-def fit(model, data, *args, cfg: TrainConfig = None, epochs=10, batch_size=128, optimizer="adam", lr=1e-2,
-        weight_decay=0.0, schedule="cosine", seed=0, shuffle=True, progress=False, on_epoch=None, state_path=None,
-        save_every=None, log=None):
+def fit(model: nn.Module, data: Data, *args: Union[torch.Tensor, TrainConfig], cfg: Optional[TrainConfig] = None,
+        epochs: int = 10, batch_size: int = 128, optimizer: Union[str, torch.optim.Optimizer] = "adam", lr: float = 1e-2,
+        weight_decay: float = 0.0, schedule: Literal["cosine", "constant"] = "cosine", seed: int = 0,
+        shuffle: bool = True, progress: bool = False, on_epoch: Optional[Callable[[dict], object]] = None,
+        state_path: Optional[PathLike] = None, save_every: Optional[int] = None,
+        log: Optional[Callable[[str], object]] = None) -> List[dict]:
     """Train model on data with cfg's method; returns a list of per-epoch records.
 
     ``fit(model, data, cfg, ...)``, data a DataLoader, a map-style Dataset or an

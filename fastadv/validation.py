@@ -219,3 +219,25 @@ def memory_format(x: torch.Tensor):
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def explain_float32_inputs(forward, images_dtype: torch.dtype, attack: str):
+    """forward, for an attack whose arithmetic runs in float32 (as its reference's does): with
+    fp16/bf16 images the model is fed float32 iterates, and a model that refuses them (fp16
+    weights, say) raises a TypeError saying so instead of its own error from deep inside."""
+    if images_dtype == torch.float32:
+        return forward
+
+    def call(x, *args, **kwargs):
+        try:
+            return forward(x, *args, **kwargs)
+        except RuntimeError as exc:
+            if x.dtype != torch.float32:
+                raise
+            raise TypeError(
+                f"{attack} works in float32, as its reference does, so a model attacked with {images_dtype} images "
+                f"is fed float32 iterates, and this model refused them ({exc}). Attack a float32 copy of the model "
+                f"(model.float())"
+            ) from exc
+
+    return call

@@ -1,5 +1,6 @@
 """Shared fixtures: real models trained on real digits, once per test session."""
 import copy
+import os
 
 import pytest
 import torch
@@ -97,3 +98,6 @@ def pytest_configure(config):
     # machines and in the multi-process (torchrun) tests. Both sides of every
     # comparison run in the same process, so the thread count never biases one.
     torch.set_num_threads(1)
+    # The CLI, torchrun and compile checks the tests start inherit one thread as well: with a
+    # pytest worker on every core, more threads would only spin-wait for each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

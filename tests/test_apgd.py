@@ -7,7 +7,7 @@
   APGDAttack_targeted (so the robust flags agree on every sample).
 - The caller's global RNG is never touched; invariants; bad input.
 - The Triton kernels (through the interpreter) in the full attack: Linf bit-exact
-  with the 'torch' backend, L2 within a small bound.
+  with the 'torch' backend, L2 within L2_KERNEL_ATOL (1e-6 in fp32).
 """
 import pytest
 import torch
@@ -17,7 +17,7 @@ import fastadv
 from fastadv import functional as F
 from fastadv.attacks.apgd import apgd_loop, apgd_single_run, checkpoint_schedule, oscillation_threshold
 from fastadv.attacks.apgdt import apgdt_loop
-from helpers import assert_close, assert_equal
+from helpers import L2_KERNEL_ATOL, assert_close, assert_equal
 
 EPS = {"Linf": 0.1, "L2": 0.5}  # budgets that fool about half of the digits
 
@@ -277,9 +277,15 @@ def test_interpreted_kernels_in_the_attack(trained_models, digits):
     assert_equal(F.apgd(model, x, y, backend="interpret", **linf), F.apgd(model, x, y, backend="torch", **linf))
     lt = dict(norm="Linf", eps=0.1, steps=6, n_classes=3)
     assert_equal(F.apgdt(model, x, y, backend="interpret", **lt), F.apgdt(model, x, y, backend="torch", **lt))
+    # L2: the kernel sums each sample's squares in another order than torch.norm (measured after 6
+    # steps: at most 1.8e-7 on the digits CNN and MLP), within the L2 kernels' fp32 bound.
     for arithmetic in ("torchattacks", "original"):
         l2 = dict(norm="L2", eps=0.5, steps=6, arithmetic=arithmetic)
-        assert_close(F.apgd(model, x, y, backend="interpret", **l2), F.apgd(model, x, y, backend="torch", **l2), 1e-5)
+        assert_close(F.apgd(model, x, y, backend="interpret", **l2), F.apgd(model, x, y, backend="torch", **l2),
+                     L2_KERNEL_ATOL[torch.float32])
+        l2t = dict(l2, n_classes=3)
+        assert_close(F.apgdt(model, x, y, backend="interpret", **l2t), F.apgdt(model, x, y, backend="torch", **l2t),
+                     L2_KERNEL_ATOL[torch.float32])
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Backends chosen in one place; the wheel ships the kernels as fastadv.kernels only."""
+"""Backends chosen in one place; the wheel ships the kernels as fastadv.kernels only, and py.typed."""
 import os
 import pathlib
 import subprocess
@@ -84,6 +84,7 @@ def test_wheel_contains_kernels_under_fastadv(tmp_path):
     for module in ("linf", "l2", "start", "_common", "utils", "__init__"):
         assert f"fastadv/kernels/{module}.py" in names, names
     assert not any(n.startswith("kernels/") for n in names), "a bare top-level 'kernels' package was packaged"
+    assert "fastadv/py.typed" in names, "the PEP 561 marker: type checkers read fastadv's annotations"
 
 
 def test_bare_kernels_module_is_not_ours():

@@ -30,6 +30,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _results = {}
 
 
+def per_target(cc):
+    """The tests of one target run on one pytest worker (xdist_group): they share its compilation
+    (results()), which another worker would repeat from scratch; the targets spread over workers."""
+    return pytest.param(cc, marks=pytest.mark.xdist_group(f"sm{cc}"))
+
+
 def results(cc):
     """Every case compiled and checked for sm_<cc>, once per session."""
     if cc not in _results:
@@ -38,7 +44,7 @@ def results(cc):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cc", cc_.TARGETS)
+@pytest.mark.parametrize("cc", [per_target(cc) for cc in cc_.TARGETS])
 def test_every_launch_compiles(cc):
     rs = results(cc)
     failed = [r for r in rs if r.item is None]
@@ -47,7 +53,7 @@ def test_every_launch_compiles(cc):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cc", cc_.TARGETS)
+@pytest.mark.parametrize("cc", [per_target(cc) for cc in cc_.TARGETS])
 def test_no_spills_design_minimum_traffic_and_128_bit_accesses(cc):
     rs = [r for r in results(cc) if r.item is not None]
     bad = cc_.report(rs)
@@ -57,6 +63,7 @@ def test_no_spills_design_minimum_traffic_and_128_bit_accesses(cc):
     assert {r.case.launcher for r in vectorized} == {c.launcher for c in cc_.cases()}
 
 
+@pytest.mark.xdist_group("sm90")
 def test_cases_cover_every_launcher_and_kernel():
     modules = [importlib.import_module(f"fastadv.kernels.{m}") for m in kernels.MODULES]
     launchers = {

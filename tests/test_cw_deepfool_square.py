@@ -128,7 +128,7 @@ def test_cw_nan_model_output_gives_the_clean_image(trained_models, batch):
 
 # -- DeepFool -----------------------------------------------------------------------------------------
 
-DEEPFOOL_ATOL = 1e-6  # max |ours - torchattacks| measured: 3e-7 (CNN and MLP)
+DEEPFOOL_ATOL = 3e-7  # the stated bound: max |ours - torchattacks| measured 2.98e-7 (benchmarks/results/deepfool_bound_cpu.md)
 TIE_GAP = 1e-4  # success may differ only where an output sits on the decision boundary
 
 

@@ -406,12 +406,28 @@ def _steps_done(path):
         return -1
 
 
-def test_sigkilled_streamed_run_resumes_bit_exact_and_refuses_other_data(tmp_path, capsys, digits):
+# SmallCNN whose every forward also waits 0.1 s: a step (two forwards with fgsm-rs) then lasts
+# at least 0.2 s, so a test polling every 10 ms sees each state the run writes, even when a busy
+# machine delays it by a few hundred milliseconds; its numbers are SmallCNN's.
+SLOW_MODEL = """
+import time
+from fastadv.models import SmallCNN
+
+class SlowCNN(SmallCNN):
+    def forward(self, x):
+        time.sleep(0.1)
+        return super().forward(x)
+"""
+
+
+def test_sigkilled_streamed_run_resumes_bit_exact_and_refuses_other_data(tmp_path, capsys, digits, monkeypatch):
     (x, y), _ = digits
     x, y = folder_order(x[:128], y[:128])
     folder = write_folder(tmp_path / "imgs", x, y)
+    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
     cmd = [sys.executable, "-m", "fastadv", "train", "--data", str(folder), "--workers", "1", "--method", "fgsm-rs",
            "--eps", str(EPS), "--batch-size", "32", "--epochs", "2", "--save-every", "1", "--state", "run.state",
+           "--model", "slow_model:SlowCNN", "--model-args", '{"in_channels": 1, "n_classes": 10, "image_size": 8}',
            "--out", "model.pt", "--quiet"]  # 4 steps per epoch
     state = tmp_path / "run.state"
     proc = subprocess.Popen(cmd, env=run_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -444,6 +460,7 @@ def test_sigkilled_streamed_run_resumes_bit_exact_and_refuses_other_data(tmp_pat
     before = state.read_bytes()
     os.utime(folder / "class_0" / "00000.png", ns=(1, 1))  # the same file list, one file changed
     argv = cmd[3:cmd.index("--state")] + ["--state", state, "--out", tmp_path / "other.pt", "--quiet"]
+    monkeypatch.syspath_prepend(str(tmp_path))  # slow_model, for the run in this process
     err = fails(capsys, *argv, match="belongs to another training run")
     assert "data_sha256" in err and state.read_bytes() == before
 

@@ -29,14 +29,17 @@ import numbers
 import time
 import types
 import warnings
+from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import ops, slots, validation
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, autocast_dtype, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 NORMS = ("Linf", "L2")
 LOSSES = ("ce", "dlr")
@@ -719,9 +722,12 @@ def _apgd_core(model, x, y, **kwargs):
 
 
 def apgd(
-    model, images, labels, *, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, loss="ce", eot_iter=1,
-    rho=0.75, verbose=False, arithmetic="torchattacks", backend=None, **engine,
-):
+    model: Model, images: torch.Tensor, labels: torch.Tensor, *, norm: Literal["Linf", "L2"] = "Linf",
+    eps: Budget = 8 / 255, steps: int = 10, n_restarts: int = 1, seed: Optional[int] = 0,
+    loss: Literal["ce", "dlr"] = "ce", eot_iter: int = 1, rho: float = 0.75, verbose: bool = False,
+    arithmetic: Literal["torchattacks", "original"] = "torchattacks", backend: Optional[str] = None,
+    **engine: Unpack[EngineKwargs],
+) -> torch.Tensor:
     """Auto-PGD (untargeted), as torchattacks.APGD computes it.
 
     Arguments:
@@ -793,7 +799,7 @@ class _APGDBase(Attack):
 
 class APGD(_APGDBase):
     r"""APGD in the paper 'Reliable evaluation of adversarial robustness with an ensemble of
-    diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690]
+    diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690],
     [https://github.com/fra31/auto-attack].
 
     Distance measure: Linf, L2. Threat model: untargeted, white-box (gradients), budget
@@ -827,8 +833,10 @@ class APGD(_APGDBase):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, loss="ce", eot_iter=1,
-                 rho=0.75, verbose=False, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, norm: Literal["Linf", "L2"] = "Linf", eps: float = 8 / 255, steps: int = 10,
+                 n_restarts: int = 1, seed: Optional[int] = 0, loss: Literal["ce", "dlr"] = "ce", eot_iter: int = 1,
+                 rho: float = 0.75, verbose: bool = False, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("APGD", model, backend, engine, norm, eps, steps, n_restarts, seed, eot_iter, rho, verbose,
                          loss=loss)
 

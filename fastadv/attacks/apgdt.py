@@ -4,11 +4,17 @@ For each target rank c = 2..n_classes (the class with the c-th largest clean
 logit) and each restart, APGD attacks the samples still robust towards that
 class; the first success is kept. The iteration is fastadv.attacks.apgd's.
 """
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+
 from fastadv import validation
 from fastadv.attacks.apgd import (
     ARITHMETICS, NORMS, _APGDBase, apgd_loop, check_choice, check_count, check_n_classes, check_rho, check_seed,
 )
 from fastadv.engine import run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 def apgdt_loop(forward, x, y, *, n_target_classes=9, **kwargs):
@@ -27,9 +33,12 @@ def _apgdt_core(model, x, y, **kwargs):
 
 
 def apgdt(
-    model, images, labels, *, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, eot_iter=1, rho=0.75,
-    verbose=False, n_classes=10, arithmetic="torchattacks", backend=None, **engine,
-):
+    model: Model, images: torch.Tensor, labels: torch.Tensor, *, norm: Literal["Linf", "L2"] = "Linf",
+    eps: Budget = 8 / 255, steps: int = 10, n_restarts: int = 1, seed: Optional[int] = 0, eot_iter: int = 1,
+    rho: float = 0.75, verbose: bool = False, n_classes: int = 10,
+    arithmetic: Literal["torchattacks", "original"] = "torchattacks", backend: Optional[str] = None,
+    **engine: Unpack[EngineKwargs],
+) -> torch.Tensor:
     """Targeted Auto-PGD over the n_classes - 1 most likely other classes, as torchattacks.APGDT.
 
     Arguments:
@@ -59,7 +68,7 @@ def apgdt(
 
 class APGDT(_APGDBase):
     r"""APGD-Targeted in the paper 'Reliable evaluation of adversarial robustness with an
-    ensemble of diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690]
+    ensemble of diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690],
     [https://github.com/fra31/auto-attack]. Targeted attack for every wrong class.
 
     Distance measure: Linf, L2. Threat model: untargeted success (any wrong class) by
@@ -91,8 +100,10 @@ class APGDT(_APGDBase):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, eot_iter=1, rho=0.75,
-                 verbose=False, n_classes=10, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, norm: Literal["Linf", "L2"] = "Linf", eps: float = 8 / 255, steps: int = 10,
+                 n_restarts: int = 1, seed: Optional[int] = 0, eot_iter: int = 1, rho: float = 0.75,
+                 verbose: bool = False, n_classes: int = 10, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("APGDT", model, backend, engine, norm, eps, steps, n_restarts, seed, eot_iter, rho, verbose)
         self.target_class = None
         self.n_target_classes = check_n_classes(n_classes) - 1

@@ -26,14 +26,17 @@ arithmetic, not torchattacks').
 import numbers
 import time
 import warnings
+from typing import Literal, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.fab import check_norm, fab_loop
 from fastadv.calls import CallCounter
 from fastadv.engine import EXACT, EngineOptions, attacked_module
+from fastadv.hints import Model
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -108,7 +111,7 @@ def default_settings(version, n_classes, steps=None, n_queries=None):
 
 class AutoAttack(Attack):
     r"""AutoAttack from 'Reliable evaluation of adversarial robustness with an ensemble of
-    diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690]
+    diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690],
     [https://github.com/fra31/auto-attack], run as the original (pyautoattack 0.2.0) runs it.
 
     Threat model: white-box (APGD, FAB) and score-based black-box (Square), untargeted
@@ -189,8 +192,11 @@ class AutoAttack(Attack):
         >>> print(attack.summary())
     """
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, version="standard", n_classes=10, seed=0, verbose=False, *,
-                 attacks=None, steps=None, n_queries=None, batch_size=250, backend=None, early_stop=False):
+    def __init__(self, model: nn.Module, norm: Literal["Linf", "L2"] = "Linf", eps: float = 8 / 255,
+                 version: Literal["standard", "plus", "rand", "custom"] = "standard", n_classes: int = 10,
+                 seed: Optional[int] = 0, verbose: bool = False, *, attacks: Optional[Sequence[str]] = None,
+                 steps: Optional[int] = None, n_queries: Optional[int] = None, batch_size: int = 250,
+                 backend: Optional[str] = None, early_stop: bool = False) -> None:
         super().__init__("AutoAttack", model, backend=backend)
         if not isinstance(early_stop, bool):
             raise TypeError(f"early_stop must be a bool, got {type(early_stop).__name__}")
@@ -389,8 +395,11 @@ class AutoAttack(Attack):
         return "\n".join(lines)
 
 
-def autoattack(model, images, labels, *, norm="Linf", eps=8 / 255, version="standard", n_classes=10, seed=0,
-               attacks=None, steps=None, n_queries=None, batch_size=250, verbose=False, backend=None, early_stop=False):
+def autoattack(model: Model, images: torch.Tensor, labels: torch.Tensor, *, norm: Literal["Linf", "L2"] = "Linf",
+               eps: float = 8 / 255, version: Literal["standard", "plus", "rand", "custom"] = "standard",
+               n_classes: int = 10, seed: Optional[int] = 0, attacks: Optional[Sequence[str]] = None,
+               steps: Optional[int] = None, n_queries: Optional[int] = None, batch_size: int = 250,
+               verbose: bool = False, backend: Optional[str] = None, early_stop: bool = False) -> torch.Tensor:
     """AutoAttack as the original runs it (see AutoAttack for the arguments).
 
     Returns the adversarial images on the model's device: each point's first successful

@@ -1,10 +1,14 @@
 """BIM (iterative FGSM, Kurakin et al., 2017): sign steps clipped to the eps-box directly. Linf."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import ops, slots, validation
 from fastadv.attack import Attack
 from fastadv.backend import resolve
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 from fastadv.reference import per_sample
 
 
@@ -53,7 +57,9 @@ def check_bim_steps(steps, eps):
     return steps
 
 
-def bim(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, targeted=False, backend=None, **engine):
+def bim(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+        steps: int = 10, targeted: bool = False, backend: Optional[str] = None,
+        **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Basic iterative method (iterative FGSM) in the Linf ball.
 
     Arguments:
@@ -104,7 +110,8 @@ class BIM(Attack):
 
     runs_on_slots = True
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, *,
+                 backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("BIM", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)

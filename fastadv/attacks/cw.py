@@ -1,12 +1,15 @@
 """Carlini-Wagner L2 (Carlini & Wagner, 2017), fixed c, Adam in tanh space."""
 import numbers
+from typing import Literal, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, autocast_dtype, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 from fastadv.validation import check_logits
 
 MARGINS = ("reference", "correct")
@@ -136,8 +139,9 @@ def cw_loop(forward, x, y, *, c=1, kappa=0, steps=50, lr=0.01, targeted=False, m
     return best_adv.contiguous(memory_format=fmt)
 
 
-def cw(model, images, labels, *, c=1, kappa=0, steps=50, lr=0.01, targeted=False, margin="reference", backend=None,
-       **engine):
+def cw(model: Model, images: torch.Tensor, labels: torch.Tensor, *, c: float = 1, kappa: float = 0, steps: int = 50,
+       lr: float = 0.01, targeted: bool = False, margin: Literal["reference", "correct"] = "reference",
+       backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Carlini-Wagner L2 attack with a fixed c (no binary search), as torchattacks.CW.
 
     Arguments:
@@ -195,7 +199,9 @@ class CW(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, c=1, kappa=0, steps=50, lr=0.01, *, margin="reference", backend=None, **engine):
+    def __init__(self, model: nn.Module, c: float = 1, kappa: float = 0, steps: int = 50, lr: float = 0.01, *,
+                 margin: Literal["reference", "correct"] = "reference", backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("CW", model, backend=backend, **engine)
         self.c, self.kappa, self.steps, self.lr, self.margin = check_cw_args(c, kappa, steps, lr, margin)
         self.supported_mode = ["default", "targeted"]

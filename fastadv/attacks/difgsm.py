@@ -2,9 +2,11 @@
 et al., 2019): MI-FGSM whose gradient is taken through a random resize-and-pad of the
 input, smoothed by a fixed kernel for TI-FGSM. Linf."""
 import numbers
+from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import validation
@@ -12,6 +14,7 @@ from fastadv.attack import Attack
 from fastadv.attacks.momentum import momentum_iterations, refuse_early_stop
 from fastadv.attacks.pgd import uniform_start
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 KERNELS = ("gaussian", "linear", "uniform")
 
@@ -70,21 +73,20 @@ class InputDiversity:
         try:
             return self.forward(diverse)
         except RuntimeError as exc:
+            h, w = x.shape[-2:]
+            advice = ("use resize_rate < 1 for a model with a fixed input size" if h == w else
+                      "input diversity (as torchattacks') resizes non-square images to squares of their width, "
+                      "so the model must accept other input sizes")
             raise ValueError(
                 f"input diversity with resize_rate={self.resize_rate} feeds the model {diverse.shape[-2]}x"
-                f"{diverse.shape[-1]} images (from {x.shape[-2]}x{x.shape[-1]}), which it does not accept; use "
-                f"resize_rate < 1 for a model with a fixed input size ({type(exc).__name__}: {exc})"
+                f"{diverse.shape[-1]} images (from {h}x{w}), which it does not accept; {advice} "
+                f"({type(exc).__name__}: {exc})"
             ) from exc
 
 
 def check_image_shape(x, name):
     if x.dim() != 4:
         raise ValueError(f"{name} needs images of shape [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.shape[-2] != x.shape[-1]:
-        raise ValueError(
-            f"{name}'s input diversity (as torchattacks') resizes and pads to squares: images must be square, got "
-            f"{x.shape[-2]}x{x.shape[-1]}"
-        )
 
 
 # -- TI-FGSM's smoothing kernels ------------------------------------------------------------------
@@ -140,8 +142,6 @@ def difgsm_loop(forward, x, y, *, eps, alpha, steps, decay=0.0, resize_rate=0.9,
     """The DI-FGSM iteration (TI-FGSM with a kernel) on inputs the caller owns; returns the last iterate."""
     check_image_shape(x, name)
     refuse_early_stop(engine, name, "its gradients are taken at randomly resized inputs, not at the iterate")
-    if kernel is not None and kernel.shape[-1] > min(x.shape[-2:]):
-        raise ValueError(f"len_kernel={kernel.shape[-1]} is larger than the {x.shape[-2]}x{x.shape[-1]} images")
     diversity_sizes(x.shape[-1], resize_rate)  # a bad rate fails before the first step
     fmt = validation.memory_format(x)
     adv = uniform_start(x, eps, backend) if random_start else x.clone()  # noise in the caller's layout
@@ -156,13 +156,15 @@ def difgsm_loop(forward, x, y, *, eps, alpha, steps, decay=0.0, resize_rate=0.9,
     return adv.contiguous(memory_format=fmt)
 
 
-def difgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, resize_rate=0.9,
-           diversity_prob=0.5, random_start=False, targeted=False, backend=None, **engine):
+def difgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+           steps: int = 10, decay: float = 0.0, resize_rate: float = 0.9, diversity_prob: float = 0.5,
+           random_start: bool = False, targeted: bool = False, backend: Optional[str] = None,
+           **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """DI-FGSM: momentum sign steps on gradients through a random resize-and-pad.
 
     Arguments:
         model: classifier taking images in [0, 1] and returning logits [N, C].
-        images: [N, C, H, W] square floats in [0, 1]. labels: [N] class indices (the targets when targeted).
+        images: [N, C, H, W] floats in [0, 1] (any H and W). labels: [N] class indices (the targets when targeted).
         eps, alpha: budget and step size, floats or per-sample [N] tensors.
         steps, decay, resize_rate, diversity_prob, random_start: as DIFGSM.
         **engine: fastadv.engine.EngineOptions (precision, channels_last, batch_size; no early_stop).
@@ -177,12 +179,14 @@ def difgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay
     )
 
 
-def tifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, kernel_name="gaussian",
-           len_kernel=15, nsig=3, resize_rate=0.9, diversity_prob=0.5, random_start=False, targeted=False,
-           backend=None, **engine):
+def tifgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+           steps: int = 10, decay: float = 0.0, kernel_name: Literal["gaussian", "linear", "uniform"] = "gaussian",
+           len_kernel: int = 15, nsig: float = 3, resize_rate: float = 0.9, diversity_prob: float = 0.5,
+           random_start: bool = False, targeted: bool = False, backend: Optional[str] = None,
+           **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """TI-FGSM: DI-FGSM whose gradient is smoothed per channel by a gaussian, linear or uniform kernel.
 
-    Arguments: as difgsm, plus kernel_name, len_kernel (odd, at most the image side) and nsig.
+    Arguments: as difgsm, plus kernel_name, len_kernel (odd) and nsig.
     Returns the adversarial images on the model's device. Bit-exact with torchattacks.TIFGSM
     on 3-channel images (any channel count works here; the reference's needs 3).
     """
@@ -203,11 +207,16 @@ _SHARED_DOC = """
     bound, else the image itself. The draws are CPU tensors, so no device sync; the
     shapes change per step, so no CUDA graph.
 
-    Limitations, where the reference crashes or misbehaves: images must be square
-    [N, C, H, W] (the reference resizes to squares of side W); resize_rate must leave
-    at least one size to draw (a rate of 1 raises); a rate above 1 enlarges the
-    model's input, and a model with a fixed input size raises a ValueError that
-    says so. early_stop is refused (the logits are those of the diverse input).
+    Images are [N, C, H, W] of any size. As in the reference, the sizes come from the
+    width W alone: a diverse input is a square of side W (rate below 1) or
+    int(W * resize_rate) (above 1), so a non-square image reaches the model as a
+    square whenever the diversity applies (a model that pools adaptively takes both).
+
+    Limitations, where the reference crashes or misbehaves: resize_rate must leave
+    at least one size to draw (a rate of 1 raises); a model with a fixed input size
+    that the diverse input does not fit (a rate above 1, or non-square images)
+    raises a ValueError that says so. early_stop is refused (the logits are those of
+    the diverse input).
 """
 
 
@@ -263,8 +272,9 @@ class DIFGSM(_DiversityAttack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, resize_rate=0.9, diversity_prob=0.5,
-                 random_start=False, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 decay: float = 0.0, resize_rate: float = 0.9, diversity_prob: float = 0.5, random_start: bool = False,
+                 *, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("DIFGSM", model, backend=backend, **engine)
         self._set_common(eps, alpha, steps, decay, resize_rate, diversity_prob, random_start)
         self.supported_mode = ["default", "targeted"]
@@ -283,8 +293,8 @@ class TIFGSM(_DiversityAttack):
     The reference convolves with groups=3 and crashes on other channel counts; here
     the kernel is applied to each channel, whatever their number. Its fp32 kernel
     also crashes on fp16/bf16 gradients; here the kernel is cast to their dtype.
-    len_kernel must be odd (a centred kernel) and at most the image side (checked
-    per call).
+    len_kernel must be odd (a centred kernel); a kernel larger than the image is
+    applied with the same zero padding as the reference's.
 """ + _SHARED_DOC + r"""
     Arguments:
         model (nn.Module): model to attack.
@@ -305,8 +315,10 @@ class TIFGSM(_DiversityAttack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=0.0, kernel_name="gaussian", len_kernel=15,
-                 nsig=3, resize_rate=0.9, diversity_prob=0.5, random_start=False, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 decay: float = 0.0, kernel_name: Literal["gaussian", "linear", "uniform"] = "gaussian",
+                 len_kernel: int = 15, nsig: float = 3, resize_rate: float = 0.9, diversity_prob: float = 0.5,
+                 random_start: bool = False, *, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("TIFGSM", model, backend=backend, **engine)
         self._set_common(eps, alpha, steps, decay, resize_rate, diversity_prob, random_start)
         self.kernel_name, self.len_kernel, checked_nsig = check_kernel(kernel_name, len_kernel, nsig)

@@ -5,14 +5,17 @@ smallest elastic-net distance (L2^2 + beta * L1). Both run torchattacks 3.5.1's
 arithmetic op for op, including its habits (listed in EADL1's docstring).
 """
 import numbers
+from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.cw import engine_forward
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import EngineKwargs, Unpack
 from fastadv.validation import check_logits
 
 DISTANCES = ("l1", "en")
@@ -236,8 +239,9 @@ class EADL1(Attack):
 
     distance = "l1"
 
-    def __init__(self, model, kappa=0, lr=0.01, binary_search_steps=9, max_iterations=100, abort_early=True,
-                 initial_const=0.001, beta=0.001, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, kappa: float = 0, lr: float = 0.01, binary_search_steps: int = 9,
+                 max_iterations: int = 100, abort_early: bool = True, initial_const: float = 0.001, beta: float = 0.001,
+                 *, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("EADL1" if self.distance == "l1" else "EADEN", model, backend=backend, **engine)
         (self.kappa, self.lr, self.binary_search_steps, self.max_iterations, self.abort_early, self.initial_const,
          self.beta) = check_ead_args(kappa, lr, binary_search_steps, max_iterations, abort_early, initial_const, beta)

@@ -1,12 +1,15 @@
 """EOT-PGD: PGD on the sum of eot_iter gradients, for randomized models (Athalye et al., 2018). Linf."""
 import numbers
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.pgd import linf_iterations, uniform_start
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 def check_eot_iter(eot_iter) -> int:
@@ -51,8 +54,9 @@ def eotpgd_loop(forward, x, y, *, eps, alpha, steps, eot_iter=2, random_start=Tr
     return adv.contiguous(memory_format=fmt)
 
 
-def eotpgd(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, eot_iter=2, random_start=True,
-           targeted=False, backend=None, **engine):
+def eotpgd(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+           steps: int = 10, eot_iter: int = 2, random_start: bool = True, targeted: bool = False,
+           backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """PGD with Expectation over Transformation (summed gradients of eot_iter forward passes).
 
     Arguments:
@@ -99,8 +103,9 @@ class EOTPGD(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, eot_iter=2, random_start=True, *, backend=None,
-                 **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 eot_iter: int = 2, random_start: bool = True, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("EOTPGD", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)

@@ -20,13 +20,17 @@ serves both libraries.
 import math
 import numbers
 import time
+from typing import Literal, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.engine import EngineOptions, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
+from fastadv.retained import SharedForward
 
 NORMS = ("Linf", "L2")
 DEFAULT_EPS_BY_NORM = {"Linf": 0.3, "L2": 1.0}
@@ -206,7 +210,8 @@ def _all_class_gradients(forward, x):
     """
     im = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = forward(im)
+        shared = SharedForward(forward, im)
+        logits = shared.output
         n_classes = logits.shape[1]
         eye = torch.eye(n_classes, dtype=logits.dtype, device=logits.device)
         cot = eye.unsqueeze(1).expand(n_classes, *logits.shape)
@@ -218,7 +223,7 @@ def _all_class_gradients(forward, x):
                 pass
         grads = torch.empty((n_classes, *im.shape), dtype=im.dtype, device=im.device)
         for k in range(n_classes):
-            grads[k] = torch.autograd.grad(logits, im, cot[k], retain_graph=k < n_classes - 1)[0]
+            grads[k] = shared.grad(lambda z: z, grad_output=cot[k], retain=k < n_classes - 1)
     return logits.detach(), grads
 
 
@@ -338,6 +343,7 @@ def fab_loop(forward, x, y, *, norm="Linf", eps=8 / 255, steps=10, n_restarts=1,
     """
     if generator is None:
         generator = seeded_generator(seed)
+    forward = validation.explain_float32_inputs(forward, x.dtype, "FAB")
     adv = x.clone()
     start = time.time()
     with torch.no_grad():
@@ -408,16 +414,19 @@ def check_arithmetic(arithmetic):
     return arithmetic
 
 
-def fab(model, images, labels, *, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
-        seed=0, multi_targeted=False, n_classes=10, arithmetic="torchattacks", backend=None, **engine):
+def fab(model: Model, images: torch.Tensor, labels: torch.Tensor, *, norm: Literal["Linf", "L2"] = "Linf",
+        eps: float = 8 / 255, steps: int = 10, n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
+        beta: float = 0.9, seed: int = 0, multi_targeted: bool = False, n_classes: int = 10,
+        arithmetic: Literal["torchattacks", "original"] = "torchattacks", backend: Optional[str] = None,
+        **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Fast Adaptive Boundary attack, untargeted or multi-targeted (FAB-T).
 
     Arguments:
         model: classifier taking images in [0, 1] and returning logits [N, C].
         images: [N, ...] floats in [0, 1]. labels: [N] true class indices.
         norm: 'Linf' or 'L2'. eps: the budget a result must meet to count (None: 0.3 / 1.0).
-        steps, n_restarts, alpha_max, eta, beta, seed: as FAB. multi_targeted, n_classes:
-        FAB-T against the n_classes-1 most likely other classes in turn.
+        steps, n_restarts, alpha_max, eta, beta, seed: as FAB.
+        multi_targeted, n_classes: FAB-T against the n_classes-1 most likely other classes in turn.
         arithmetic: 'torchattacks' or 'original' (the same arithmetic; accepted for symmetry).
         **engine: batch_size and channels_last (see fastadv.engine.EngineOptions; FAB's own
             arithmetic is unchanged by them); exact mode only.
@@ -432,7 +441,7 @@ def fab(model, images, labels, *, norm="Linf", eps=8 / 255, steps=10, n_restarts
 
 class FAB(Attack):
     r"""FAB from 'Minimally distorted Adversarial Examples with a Fast Adaptive Boundary Attack'
-    [https://arxiv.org/abs/1907.02044] [https://github.com/fra31/auto-attack].
+    [https://arxiv.org/abs/1907.02044], [https://github.com/fra31/auto-attack].
 
     Threat model: white-box, gradients; minimal Linf or L2 perturbation. Returned points
     are adversarial only when their distance is at most eps, otherwise clean.
@@ -479,9 +488,11 @@ class FAB(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
-                 verbose=False, seed=0, multi_targeted=False, n_classes=10, *, arithmetic="torchattacks", backend=None,
-                 **engine):
+    def __init__(self, model: nn.Module, norm: Literal["Linf", "L2"] = "Linf", eps: float = 8 / 255, steps: int = 10,
+                 n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+                 verbose: bool = False, seed: int = 0, multi_targeted: bool = False, n_classes: int = 10, *,
+                 arithmetic: Literal["torchattacks", "original"] = "torchattacks", backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("FAB", model, backend=backend, **engine)
         check_engine(self.engine)
         params = _check_params(norm, eps, steps, n_restarts, alpha_max, eta, beta, seed, n_classes)

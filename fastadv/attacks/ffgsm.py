@@ -1,9 +1,13 @@
 """FFGSM ("fast" FGSM): one sign step from a uniform random start (Wong et al., 2020). Linf."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import draws, ops, validation
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 def ffgsm_start(x, eps, backend=None):
@@ -27,7 +31,8 @@ def ffgsm_loop(forward, x, y, *, eps, alpha, targeted=False, backend=None, engin
     return adv.contiguous(memory_format=fmt)
 
 
-def ffgsm(model, images, labels, *, eps=8 / 255, alpha=10 / 255, targeted=False, backend=None, **engine):
+def ffgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 10 / 255,
+          targeted: bool = False, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Fast FGSM: uniform random start in the eps-ball, then one sign step of size alpha.
 
     Arguments:
@@ -69,7 +74,8 @@ class FFGSM(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=10 / 255, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 10 / 255, *,
+                 backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("FFGSM", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)

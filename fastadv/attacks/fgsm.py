@@ -1,7 +1,13 @@
 """FGSM: one signed-gradient step (Goodfellow et al., 2015). Linf."""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
 from fastadv import ops, validation
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 def fgsm_loop(forward, x, y, *, eps, targeted=False, backend=None, engine=EXACT):
@@ -12,7 +18,8 @@ def fgsm_loop(forward, x, y, *, eps, targeted=False, backend=None, engine=EXACT)
     return adv.contiguous(memory_format=validation.memory_format(x))
 
 
-def fgsm(model, images, labels, *, eps=8 / 255, targeted=False, backend=None, **engine):
+def fgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, targeted: bool = False,
+         backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Fast Gradient Sign Method.
 
     Arguments:
@@ -44,7 +51,8 @@ class FGSM(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("FGSM", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.supported_mode = ["default", "targeted"]

@@ -1,10 +1,14 @@
 """GN: Gaussian noise, clipped to [0, 1]. A baseline that uses neither labels nor gradients."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.arg_checks import check_number
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 
 
 def gn_loop(forward, x, y=None, *, std, engine=EXACT):
@@ -12,7 +16,8 @@ def gn_loop(forward, x, y=None, *, std, engine=EXACT):
     return torch.clamp(x + std * torch.randn_like(x), min=0, max=1)
 
 
-def gn(model, images, labels=None, *, std=0.1, backend=None, **engine):
+def gn(model: Model, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *, std: float = 0.1,
+       backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Add Gaussian noise of standard deviation std (>= 0) and clip to [0, 1].
 
     Arguments:
@@ -48,7 +53,8 @@ class GN(Attack):
         >>> adv_images = attack(images)
     """
 
-    def __init__(self, model, std=0.1, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, std: float = 0.1, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("GN", model, backend=backend, **engine)
         self.std = check_number(std, "std")
         self.supported_mode = ["default"]

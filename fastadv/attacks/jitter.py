@@ -1,7 +1,10 @@
 """Jitter: PGD on the squared error between a noisy, scaled softmax and the one-hot
 label, divided by the perturbation's size once a sample is misclassified
 (Schwinn et al., 2021). Linf."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import validation
@@ -9,6 +12,7 @@ from fastadv.attack import Attack
 from fastadv.attacks.arg_checks import check_number
 from fastadv.attacks.pgd import linf_iterations, uniform_start
 from fastadv.engine import EXACT, autocast_dtype, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 from fastadv.validation import check_logits
 
 
@@ -117,8 +121,9 @@ def check_jitter_args(scale, std):
     return check_number(scale, "scale", positive=True), check_number(std, "std")
 
 
-def jitter(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, scale=10, std=0.1, random_start=True,
-           targeted=False, backend=None, **engine):
+def jitter(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+           steps: int = 10, scale: float = 10, std: float = 0.1, random_start: bool = True, targeted: bool = False,
+           backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Jitter attack.
 
     Arguments:
@@ -178,8 +183,9 @@ class Jitter(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, scale=10, std=0.1, random_start=True, *,
-                 backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 scale: float = 10, std: float = 0.1, random_start: bool = True, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("Jitter", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)

@@ -1,13 +1,17 @@
 """JSMA: the Jacobian-based saliency map attack (Papernot et al., 2016), L0."""
 import math
 import numbers
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.cw import engine_forward
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
+from fastadv.retained import SharedForward
 from fastadv.validation import check_logits
 
 SALIENCY_BLOCK = 1 << 22  # saliency entries computed at once (16 MiB per fp32 temporary)
@@ -25,12 +29,11 @@ def check_jsma_args(theta, gamma):
     return theta, gamma
 
 
-def jacobian(logits, x):
-    """[C, F] float32: row i is the gradient of logits[0, i] with respect to x (one image),
-    one backward per class as the reference."""
-    n_classes = logits.shape[1]
-    rows = [torch.autograd.grad(logits[0, i], x, retain_graph=i + 1 < n_classes)[0].flatten()
-            for i in range(n_classes)]
+def jacobian(shared):
+    """[C, F] float32: row i is the gradient of logits[0, i] with respect to x (one image,
+    a SharedForward), one backward per class as the reference."""
+    n_classes = shared.output.shape[1]
+    rows = [shared.grad(lambda z: z[0, i], retain=i + 1 < n_classes).flatten() for i in range(n_classes)]
     return torch.stack(rows).float()
 
 
@@ -82,12 +85,13 @@ def jsma_single(forward, image, target, theta, gamma):
     for it in range(max_iters + 1):
         xg = adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = forward(xg)
+            shared = SharedForward(forward, xg)
+            logits = shared.output
         # The reference's loop test: one host sync per iteration.
         if it == max_iters or bool(torch.argmax(logits.detach(), 1)[0] == target) or not bool(domain.any()):
             break
         with torch.enable_grad():
-            jac = jacobian(logits, xg)
+            jac = jacobian(shared)
         p, q = saliency_pair(jac, target, increasing, domain)
         flat = adv.detach().flatten().clone()
         flat[p] += theta  # p == q (nothing salient) adds theta twice, as the reference
@@ -120,7 +124,8 @@ def jsma_loop(forward, x, y, *, theta=1.0, gamma=0.1, targeted=False, engine=EXA
     return torch.clamp(adv, min=0, max=1).contiguous(memory_format=fmt)
 
 
-def jsma(model, images, labels, *, theta=1.0, gamma=0.1, targeted=False, backend=None, **engine):
+def jsma(model: Model, images: torch.Tensor, labels: torch.Tensor, *, theta: float = 1.0, gamma: float = 0.1,
+         targeted: bool = False, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """JSMA, as torchattacks.JSMA: see fastadv.JSMA.
 
     Arguments:
@@ -176,7 +181,8 @@ class JSMA(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, theta=1.0, gamma=0.1, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, theta: float = 1.0, gamma: float = 0.1, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("JSMA", model, backend=backend, **engine)
         self.theta, self.gamma = check_jsma_args(theta, gamma)
         self.supported_mode = ["default", "targeted"]

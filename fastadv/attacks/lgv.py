@@ -4,13 +4,16 @@ import itertools
 import numbers
 import os
 import random
+from typing import Any, Type
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from fastadv.attack import Attack
 from fastadv.attacks.bim import BIM
 from fastadv.attacks.onepixel import check_count
+from fastadv.hints import Model
 from fastadv.validation import check_budget
 
 ORDERS = ("shuffle", "random", None)
@@ -152,8 +155,9 @@ class LGV(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, trainloader, lr=0.05, epochs=10, nb_models_epoch=4, wd=1e-4, n_grad=1, verbose=True,
-                 attack_class=BIM, **kwargs):
+    def __init__(self, model: nn.Module, trainloader: DataLoader, lr: float = 0.05, epochs: int = 10,
+                 nb_models_epoch: int = 4, wd: float = 1e-4, n_grad: int = 1, verbose: bool = True,
+                 attack_class: Type[Attack] = BIM, **kwargs: Any) -> None:
         lr, epochs, nb_models_epoch, wd, n_grad = check_lgv_args(
             trainloader, lr, epochs, nb_models_epoch, wd, n_grad, attack_class)
         if not isinstance(model, nn.Module):
@@ -239,8 +243,9 @@ class LGV(Attack):
         return self.base_attack(images, labels)
 
 
-def lgv(model, images, labels, *, trainloader, lr=0.05, epochs=10, nb_models_epoch=4, wd=1e-4, n_grad=1,
-        attack_class=BIM, targeted=False, verbose=False, **kwargs):
+def lgv(model: Model, images: torch.Tensor, labels: torch.Tensor, *, trainloader: DataLoader, lr: float = 0.05,
+        epochs: int = 10, nb_models_epoch: int = 4, wd: float = 1e-4, n_grad: int = 1, attack_class: Type[Attack] = BIM,
+        targeted: bool = False, verbose: bool = False, **kwargs: Any) -> torch.Tensor:
     """LGV in one call: collects the models from trainloader, then attacks (see LGV).
 
     Every call trains anew; to attack several batches with the same models, use the

@@ -1,10 +1,13 @@
 """MI-FGSM: iterative sign steps on an accumulated, L1-normalized gradient (Dong et al., 2018). Linf."""
+from typing import Optional
+
 import torch
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.momentum import momentum_iterations
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 def mifgsm_loop(forward, x, y, *, eps, alpha, steps, decay=1.0, targeted=False, backend=None, engine=EXACT):
@@ -19,8 +22,9 @@ def mifgsm_loop(forward, x, y, *, eps, alpha, steps, decay=1.0, targeted=False, 
     return adv.contiguous(memory_format=fmt)
 
 
-def mifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, targeted=False, backend=None,
-           **engine):
+def mifgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+           steps: int = 10, decay: float = 1.0, targeted: bool = False, backend: Optional[str] = None,
+           **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Momentum iterative FGSM.
 
     Arguments:

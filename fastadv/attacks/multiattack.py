@@ -1,9 +1,12 @@
 """MultiAttack: run several attacks in turn, each on the points the previous ones left robust."""
+from typing import Sequence
+
 import torch
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.engine import model_device, model_guard
+from fastadv.hints import Model
 
 
 def multiattack_loop(forward, x, y, attacks, *, verbose=False):
@@ -39,7 +42,8 @@ def success_rate_record(records):
     return "Attack success rate: " + " | ".join("%2.2f %%" % r for r in rates)
 
 
-def multiattack(model, images, labels, attacks, *, verbose=False):
+def multiattack(model: Model, images: torch.Tensor, labels: torch.Tensor, attacks: Sequence[Attack], *,
+                verbose: bool = False) -> torch.Tensor:
     """Run attacks in turn on the points still robust; each point keeps its first success.
 
     Arguments:
@@ -103,7 +107,7 @@ class MultiAttack(Attack):
         >>> adv_images = atk(images, labels)
     """
 
-    def __init__(self, attacks, verbose=False):
+    def __init__(self, attacks: Sequence[Attack], verbose: bool = False) -> None:
         _check_attacks(attacks)
         super().__init__("MultiAttack", attacks[0].model, backend=attacks[0].backend)
         self.attacks = list(attacks)

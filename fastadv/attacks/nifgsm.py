@@ -1,6 +1,9 @@
 """NI-FGSM and SI-NI-FGSM (Lin et al., 2020): MI-FGSM with the gradient taken at a
 Nesterov look-ahead point, averaged over m scaled copies for SI-NI-FGSM. Linf."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
@@ -9,6 +12,7 @@ from fastadv.attacks.momentum import (
     Lookahead, ScaledCopiesGradient, check_count, momentum_iterations, refuse_early_stop,
 )
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 def nifgsm_loop(forward, x, y, *, eps, alpha, steps, decay=1.0, m=None, targeted=False, backend=None, engine=EXACT,
@@ -31,8 +35,9 @@ def nifgsm_loop(forward, x, y, *, eps, alpha, steps, decay=1.0, m=None, targeted
     return adv.contiguous(memory_format=fmt)
 
 
-def nifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, targeted=False, backend=None,
-           **engine):
+def nifgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: float = 2 / 255,
+           steps: int = 10, decay: float = 1.0, targeted: bool = False, backend: Optional[str] = None,
+           **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Nesterov iterative FGSM.
 
     Arguments:
@@ -51,8 +56,9 @@ def nifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay
     )
 
 
-def sinifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, m=5, targeted=False,
-             backend=None, **engine):
+def sinifgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: float = 2 / 255,
+             steps: int = 10, decay: float = 1.0, m: int = 5, targeted: bool = False, backend: Optional[str] = None,
+             **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Scale-invariant Nesterov iterative FGSM: as nifgsm, the gradient averaged over the
     look-ahead point divided by 1, 2, ..., 2**(m - 1). Bit-exact with torchattacks.SINIFGSM
     on the 'torch' backend (float eps)."""
@@ -120,7 +126,9 @@ class SINIFGSM(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, m=5, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 decay: float = 1.0, m: int = 5, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("SINIFGSM", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.steps = validation.check_steps(steps)

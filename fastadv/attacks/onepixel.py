@@ -1,12 +1,15 @@
 """One Pixel attack (Su et al., 2019): differential evolution over a few pixels' positions and values. L0."""
 import numbers
+from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, run_functional
 from fastadv.evolution import differential_evolution
+from fastadv.hints import EngineKwargs, Model, Unpack
 from fastadv.validation import check_logits
 
 
@@ -101,8 +104,9 @@ def onepixel_loop(forward, x, y, *, pixels=1, steps=10, popsize=10, inf_batch=12
     return torch.cat(advs) if advs else x.clone()
 
 
-def onepixel(model, images, labels, *, pixels=1, steps=10, popsize=10, inf_batch=128, targeted=False, backend=None,
-             **engine):
+def onepixel(model: Model, images: torch.Tensor, labels: torch.Tensor, *, pixels: int = 1, steps: int = 10,
+             popsize: int = 10, inf_batch: int = 128, targeted: bool = False, backend: Optional[str] = None,
+             **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """The One Pixel attack: differential evolution over `pixels` pixels (L0).
 
     Arguments:
@@ -155,7 +159,8 @@ class OnePixel(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, pixels=1, steps=10, popsize=10, inf_batch=128, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, pixels: int = 1, steps: int = 10, popsize: int = 10, inf_batch: int = 128, *,
+                 backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("OnePixel", model, backend=backend, **engine)
         self.pixels, self.steps, self.popsize, self.inf_batch = check_onepixel_args(pixels, steps, popsize, inf_batch)
         self.supported_mode = ["default", "targeted"]

@@ -1,10 +1,14 @@
 """PGD with Linf budget (Madry et al., 2018)."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import ops, slots, validation
 from fastadv.attack import Attack
 from fastadv.backend import resolve
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 def uniform_start(x, eps, backend=None):
@@ -40,7 +44,9 @@ def pgd_loop(forward, x, y, *, eps, alpha, steps, random_start=True, targeted=Fa
     return adv.contiguous(memory_format=fmt)
 
 
-def pgd(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, targeted=False, backend=None, **engine):
+def pgd(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+        steps: int = 10, random_start: bool = True, targeted: bool = False, backend: Optional[str] = None,
+        **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Projected gradient descent in the Linf ball.
 
     Arguments:
@@ -84,7 +90,8 @@ class PGD(Attack):
 
     runs_on_slots = True
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 random_start: bool = True, *, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("PGD", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)

@@ -1,10 +1,14 @@
 """PGD with L2 budget (Madry et al., 2018)."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import loop, ops, reference, validation
 from fastadv.attack import Attack
 from fastadv.backend import resolve
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 def l2_start(x, eps, backend=None):
@@ -38,8 +42,9 @@ def pgdl2_loop(forward, x, y, *, eps, alpha, steps, random_start=True, eps_for_d
     return adv.contiguous(memory_format=fmt)
 
 
-def pgdl2(model, images, labels, *, eps=1.0, alpha=0.2, steps=10, random_start=True, eps_for_division=1e-10,
-          targeted=False, backend=None, **engine):
+def pgdl2(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 1.0, alpha: float = 0.2,
+          steps: int = 10, random_start: bool = True, eps_for_division: float = 1e-10, targeted: bool = False,
+          backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Projected gradient descent in the L2 ball.
 
     Arguments:
@@ -85,8 +90,9 @@ class PGDL2(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, eps_for_division=1e-10, *, backend=None,
-                 **engine):
+    def __init__(self, model: nn.Module, eps: float = 1.0, alpha: float = 0.2, steps: int = 10,
+                 random_start: bool = True, eps_for_division: float = 1e-10, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("PGDL2", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)

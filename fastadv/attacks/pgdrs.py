@@ -3,13 +3,17 @@ the cross-entropy of the softmax averaged over noise_batch_size noisy copies of
 each image; the perturbation is shared by the copies. Linf here; the L2 variant
 (PGDRSL2) is in fastadv.attacks.pgdrsl2 and shares this loop.
 """
+from typing import Literal, Optional
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.arg_checks import check_choice, check_count, check_number
 from fastadv.engine import EXACT, autocast_dtype, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 from fastadv.validation import check_logits
 
 NOISE_TYPES = ("guassian", "gaussian", "uniform")  # the reference spells it "guassian"; both are accepted
@@ -77,6 +81,7 @@ def smoothing_loop(forward, x, y, *, eps, alpha, steps, noise, noise_batch_size,
     masked-out terms are zeros either way): the same bits with a fifth of the
     image-sized passes outside the model.
     """
+    forward = validation.explain_float32_inputs(forward, x.dtype, "PGDRS/PGDRSL2")
     n, nb, rest = x.shape[0], noise_batch_size, x.shape[1:]
     delta = torch.zeros((n, *rest), device=x.device)  # the default dtype, as the reference's
     dtype = autocast_dtype(engine.precision)
@@ -113,8 +118,10 @@ def run_chunks(x, y, sizes, attack_chunk):
     return torch.cat(outs)
 
 
-def pgdrs(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, noise_type="guassian", noise_sd=0.5,
-          noise_batch_size=5, batch_max=2048, targeted=False, backend=None, **engine):
+def pgdrs(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 8 / 255, alpha: float = 2 / 255,
+          steps: int = 10, noise_type: Literal["guassian", "gaussian", "uniform"] = "guassian", noise_sd: float = 0.5,
+          noise_batch_size: int = 5, batch_max: int = 2048, targeted: bool = False, backend: Optional[str] = None,
+          **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """PGD (Linf) against the randomized-smoothing classifier of model.
 
     Arguments:
@@ -182,8 +189,10 @@ class PGDRS(Attack):
     update = staticmethod(linf_delta_update)
     eps_for_division = 1e-10
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, noise_type="guassian", noise_sd=0.5,
-                 noise_batch_size=5, batch_max=2048, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 noise_type: Literal["guassian", "gaussian", "uniform"] = "guassian", noise_sd: float = 0.5,
+                 noise_batch_size: int = 5, batch_max: int = 2048, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("PGDRS", model, backend=backend, **engine)
         self._init_smoothing(eps, alpha, steps, noise_type, noise_sd, noise_batch_size, batch_max)
 

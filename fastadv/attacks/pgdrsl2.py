@@ -1,10 +1,14 @@
 """PGDRSL2: PGD in the L2 ball against a randomized-smoothing classifier (Salman et al., 2019)."""
+from typing import Literal, Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attacks.arg_checks import check_number
 from fastadv.attacks.pgdrs import PGDRS, Noise, check_smoothing_args, chunk_sizes, run_chunks, smoothing_loop
 from fastadv.engine import run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 from fastadv.reference import l2_norm, per_sample
 
 
@@ -19,8 +23,10 @@ def l2_delta_update(delta, g, *, eps, alpha, eps_for_division):
     return delta.mul_(per_sample(factor, delta))
 
 
-def pgdrsl2(model, images, labels, *, eps=1.0, alpha=0.2, steps=10, noise_type="guassian", noise_sd=0.5,
-            noise_batch_size=5, batch_max=2048, eps_for_division=1e-10, targeted=False, backend=None, **engine):
+def pgdrsl2(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 1.0, alpha: float = 0.2,
+            steps: int = 10, noise_type: Literal["guassian", "gaussian", "uniform"] = "guassian", noise_sd: float = 0.5,
+            noise_batch_size: int = 5, batch_max: int = 2048, eps_for_division: float = 1e-10, targeted: bool = False,
+            backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """PGD (L2) against the randomized-smoothing classifier of model.
 
     Arguments: as fastadv.functional.pgdrs, with eps and alpha in L2 and
@@ -78,7 +84,9 @@ class PGDRSL2(PGDRS):
 
     update = staticmethod(l2_delta_update)
 
-    def __init__(self, model, eps=1.0, alpha=0.2, steps=10, noise_type="guassian", noise_sd=0.5, noise_batch_size=5,
-                 batch_max=2048, eps_for_division=1e-10, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 1.0, alpha: float = 0.2, steps: int = 10,
+                 noise_type: Literal["guassian", "gaussian", "uniform"] = "guassian", noise_sd: float = 0.5,
+                 noise_batch_size: int = 5, batch_max: int = 2048, eps_for_division: float = 1e-10, *,
+                 backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super(PGDRS, self).__init__("PGDRSL2", model, backend=backend, **engine)
         self._init_smoothing(eps, alpha, steps, noise_type, noise_sd, noise_batch_size, batch_max, eps_for_division)

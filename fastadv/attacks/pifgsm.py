@@ -4,7 +4,10 @@ projected onto the neighbouring pixels (Gao et al., 2020). Linf.
 The loop here is shared with PI-FGSM++ (fastadv.attacks.pifgsmpp), which also
 smooths the gradient with a 3x3 Gaussian and scales the projection.
 """
+from typing import Optional
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import loop, validation
@@ -12,6 +15,7 @@ from fastadv.attack import Attack
 from fastadv.attacks.arg_checks import check_count, check_image_batch, check_number
 from fastadv.backend import resolve
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 
 
 def project_kernel(channels: int, dtype, device) -> torch.Tensor:
@@ -95,8 +99,9 @@ def check_patch_args(max_epsilon, num_iter_set, momentum, amplification, prob):
     )
 
 
-def pifgsm(model, images, labels, *, max_epsilon=16 / 255, num_iter_set=10, momentum=1.0, amplification=10.0,
-           prob=0.7, backend=None, **engine):
+def pifgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, max_epsilon: float = 16 / 255,
+           num_iter_set: int = 10, momentum: float = 1.0, amplification: float = 10.0, prob: float = 0.7,
+           backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Patch-wise iterative FGSM (untargeted).
 
     Arguments:
@@ -147,8 +152,9 @@ class PIFGSM(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, max_epsilon=16 / 255, num_iter_set=10, momentum=1.0, amplification=10.0, prob=0.7, *,
-                 backend=None, **engine):
+    def __init__(self, model: nn.Module, max_epsilon: float = 16 / 255, num_iter_set: int = 10, momentum: float = 1.0,
+                 amplification: float = 10.0, prob: float = 0.7, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("PIFGSM", model, backend=backend, **engine)
         (self.max_epsilon, self.num_iter_set, self.momentum, self.amplification,
          self.prob) = check_patch_args(max_epsilon, num_iter_set, momentum, amplification, prob)

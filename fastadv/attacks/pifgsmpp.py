@@ -1,14 +1,17 @@
 """PI-FGSM++: PI-FGSM with a Gaussian-smoothed gradient and a scaled projection, for
 targeted transfer attacks (Gao et al., 2021). Linf."""
 import math
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.arg_checks import check_number
 from fastadv.attacks.pifgsm import check_patch_args, patch_loop
 from fastadv.engine import run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 
 
 def gaussian_kernel(size=3, nsig=3.0) -> torch.Tensor:
@@ -39,8 +42,10 @@ def _args(max_epsilon, num_iter_set, momentum, amplification, prob, project_fact
             check_number(project_factor, "project_factor"))
 
 
-def pifgsmpp(model, images, labels, *, max_epsilon=16 / 255, num_iter_set=10, momentum=1.0, amplification=10.0,
-             prob=0.7, project_factor=0.8, targeted=False, backend=None, **engine):
+def pifgsmpp(model: Model, images: torch.Tensor, labels: torch.Tensor, *, max_epsilon: float = 16 / 255,
+             num_iter_set: int = 10, momentum: float = 1.0, amplification: float = 10.0, prob: float = 0.7,
+             project_factor: float = 0.8, targeted: bool = False, backend: Optional[str] = None,
+             **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Patch-wise++ iterative FGSM.
 
     Arguments:
@@ -102,8 +107,9 @@ class PIFGSMPP(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, max_epsilon=16 / 255, num_iter_set=10, momentum=1.0, amplification=10.0, prob=0.7,
-                 project_factor=0.8, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, max_epsilon: float = 16 / 255, num_iter_set: int = 10, momentum: float = 1.0,
+                 amplification: float = 10.0, prob: float = 0.7, project_factor: float = 0.8, *,
+                 backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("PIFGSMPP", model, backend=backend, **engine)
         (self.max_epsilon, self.num_iter_set, self.momentum, self.amplification, self.prob,
          self.project_factor) = _args(max_epsilon, num_iter_set, momentum, amplification, prob, project_factor)

@@ -1,13 +1,16 @@
 """Pixle (Pomponi et al., 2022): random search that moves patches of pixels elsewhere in the image. L0."""
 import functools
 import numbers
+from typing import Literal, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from fastadv.attack import Attack
 from fastadv.attacks.onepixel import check_count, check_model_output, host_array
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 
 PIXEL_MAPPINGS = ("random", "similarity", "similarity_random", "distance", "distance_random")
 
@@ -174,15 +177,19 @@ def patch_search(patches, evaluate, rounds, max_iterations, greedy):
     return best_image
 
 
-def pixle(model, images, labels, *, x_dimensions=(2, 10), y_dimensions=(2, 10), pixel_mapping="random", restarts=20,
-          max_iterations=10, update_each_iteration=False, targeted=False, backend=None, **engine):
+def pixle(model: Model, images: torch.Tensor, labels: torch.Tensor, *,
+          x_dimensions: Union[float, Tuple[float, float]] = (2, 10),
+          y_dimensions: Union[float, Tuple[float, float]] = (2, 10),
+          pixel_mapping: Literal["random", "similarity", "similarity_random", "distance", "distance_random"] = "random",
+          restarts: int = 20, max_iterations: int = 10, update_each_iteration: bool = False, targeted: bool = False,
+          backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Pixle: moves patches of pixels to other places of the image (L0, black-box).
 
     Arguments:
         model: classifier taking images in [0, 1] and returning logits [N, C].
         images: [N, C, H, W] floats in [0, 1]. labels: [N] class indices (the targets when targeted).
-        x_dimensions, y_dimensions, pixel_mapping, restarts, max_iterations,
-        update_each_iteration: as Pixle.
+        x_dimensions, y_dimensions, pixel_mapping, restarts, max_iterations, update_each_iteration:
+            as Pixle.
         **engine: fastadv.engine.EngineOptions (batch_size chunks the batch).
     Draws from numpy's global RNG. Returns the adversarial images on the model's device;
     bit-exact with torchattacks.Pixle after the same np.random.seed on square images (see Pixle).
@@ -239,8 +246,11 @@ class Pixle(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, x_dimensions=(2, 10), y_dimensions=(2, 10), pixel_mapping="random", restarts=20,
-                 max_iterations=10, update_each_iteration=False, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, x_dimensions: Union[float, Tuple[float, float]] = (2, 10),
+                 y_dimensions: Union[float, Tuple[float, float]] = (2, 10),
+                 pixel_mapping: Literal["random", "similarity", "similarity_random", "distance", "distance_random"] = "random",
+                 restarts: int = 20, max_iterations: int = 10, update_each_iteration: bool = False, *,
+                 backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("Pixle", model, backend=backend, **engine)
         x_dimensions, y_dimensions, pixel_mapping, restarts, max_iterations = check_pixle_args(
             x_dimensions, y_dimensions, pixel_mapping, restarts, max_iterations)

@@ -1,10 +1,14 @@
 """R+FGSM: a random sign step, then iterative sign steps (Tramèr et al., 2018). Linf."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import ops, validation
 from fastadv.attack import Attack
 from fastadv.attacks.pgd import linf_iterations
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 def rfgsm_start(x, alpha, backend=None):
@@ -26,7 +30,9 @@ def rfgsm_loop(forward, x, y, *, eps, alpha, steps, targeted=False, backend=None
     return adv.contiguous(memory_format=fmt)
 
 
-def rfgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, targeted=False, backend=None, **engine):
+def rfgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+          steps: int = 10, targeted: bool = False, backend: Optional[str] = None,
+          **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """R+FGSM as torchattacks runs it: a random sign step of size alpha, then steps PGD steps of size alpha.
 
     Arguments:
@@ -72,7 +78,8 @@ class RFGSM(Attack):
 
     runs_on_slots = True
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, *,
+                 backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("RFGSM", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)

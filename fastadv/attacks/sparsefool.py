@@ -1,13 +1,16 @@
 """SparseFool (Modas et al., 2019): few-pixel attacks from DeepFool's boundary points, L0."""
 import numbers
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.cw import engine_forward
 from fastadv.attacks.deepfool import DeepFool, check_deepfool_args, deepfool_loop
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 from fastadv.validation import check_logits
 
 
@@ -105,7 +108,8 @@ def sparsefool_loop(forward, x, y, *, steps=10, lam=3, overshoot=0.02, deepfool_
     return adv.detach().contiguous(memory_format=fmt)
 
 
-def sparsefool(model, images, labels, *, steps=10, lam=3, overshoot=0.02, backend=None, **engine):
+def sparsefool(model: Model, images: torch.Tensor, labels: torch.Tensor, *, steps: int = 10, lam: float = 3,
+               overshoot: float = 0.02, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """SparseFool, untargeted, as torchattacks.SparseFool: see fastadv.SparseFool.
 
     Arguments:
@@ -155,7 +159,8 @@ class SparseFool(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, steps=10, lam=3, overshoot=0.02, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, steps: int = 10, lam: float = 3, overshoot: float = 0.02, *,
+                 backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("SparseFool", model, backend=backend, **engine)
         self.steps, self.lam, self.overshoot = check_sparsefool_args(steps, lam, overshoot)
         self.deepfool = DeepFool(model, backend=backend, **engine)

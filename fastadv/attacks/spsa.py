@@ -1,12 +1,16 @@
 """SPSA: a gradient-free attack that estimates the margin loss's gradient from
 random +-1 perturbations and descends it with Adam (Uesato et al., 2018). Linf."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.arg_checks import check_count, check_number
 from fastadv.attacks.cw import engine_forward
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 from fastadv.validation import check_logits
 
 
@@ -107,8 +111,9 @@ def check_spsa_args(eps, delta, lr, nb_iter, nb_sample, max_batch_size):
     )
 
 
-def spsa(model, images, labels, *, eps=0.3, delta=0.01, lr=0.01, nb_iter=1, nb_sample=128, max_batch_size=64,
-         targeted=False, backend=None, **engine):
+def spsa(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 0.3, delta: float = 0.01,
+         lr: float = 0.01, nb_iter: int = 1, nb_sample: int = 128, max_batch_size: int = 64, targeted: bool = False,
+         backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """SPSA attack (Linf).
 
     Arguments:
@@ -167,8 +172,9 @@ class SPSA(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=0.3, delta=0.01, lr=0.01, nb_iter=1, nb_sample=128, max_batch_size=64, *,
-                 backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 0.3, delta: float = 0.01, lr: float = 0.01, nb_iter: int = 1,
+                 nb_sample: int = 128, max_batch_size: int = 64, *, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("SPSA", model, backend=backend, **engine)
         (self.eps, self.delta, self.lr, self.nb_iter, self.nb_sample,
          self.max_batch_size) = check_spsa_args(eps, delta, lr, nb_iter, nb_sample, max_batch_size)

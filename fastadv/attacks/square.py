@@ -31,14 +31,17 @@ returns adv (and the per-sample success flags), like SquareAttack.perturb(x, y).
 import math
 import numbers
 import time
+from typing import Literal, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.cw import engine_forward
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 from fastadv.validation import check_logits
 
 NORMS = ("Linf", "L2")
@@ -525,7 +528,7 @@ def square_loop(forward, x, y, *, eps=8 / 255, norm="Linf", n_queries=5000, n_re
         raise ValueError(f"Square L2 needs images of at least 5x5 pixels, got {x.shape[2]}x{x.shape[3]}")
     fmt = validation.memory_format(x)
     x = x.contiguous()
-    forward = engine_forward(forward, engine)
+    forward = validation.explain_float32_inputs(engine_forward(forward, engine), x.dtype, "Square")
     with torch.no_grad():
         pred = forward(x).max(1)[1]
         acc = pred != y if targeted else pred == y
@@ -570,9 +573,12 @@ def _checked_forward(forward, y):
     return wrapped
 
 
-def square(model, images, labels, *, norm="Linf", eps=8 / 255, n_queries=5000, n_restarts=1, p_init=0.8,
-           loss="margin", resc_schedule=True, seed=0, targeted=False, arithmetic="torchattacks",
-           compact_every=None, return_success=False, backend=None, **engine):
+def square(model: Model, images: torch.Tensor, labels: torch.Tensor, *, norm: Literal["Linf", "L2"] = "Linf",
+           eps: Budget = 8 / 255, n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8,
+           loss: Literal["margin", "ce"] = "margin", resc_schedule: bool = True, seed: Optional[int] = 0,
+           targeted: bool = False, arithmetic: Literal["torchattacks", "original"] = "torchattacks",
+           compact_every: Optional[int] = None, return_success: bool = False, backend: Optional[str] = None,
+           **engine: Unpack[EngineKwargs]) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Square Attack, a score-based (gradient-free) random search in the Linf or L2 ball.
 
     Arguments:
@@ -670,9 +676,12 @@ class Square(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, n_queries=5000, n_restarts=1, p_init=0.8, loss="margin",
-                 resc_schedule=True, seed=0, verbose=False, *, arithmetic="torchattacks", compact_every=None,
-                 backend=None, **engine):
+    def __init__(self, model: nn.Module, norm: Literal["Linf", "L2"] = "Linf", eps: float = 8 / 255,
+                 n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8,
+                 loss: Literal["margin", "ce"] = "margin", resc_schedule: bool = True, seed: Optional[int] = 0,
+                 verbose: bool = False, *, arithmetic: Literal["torchattacks", "original"] = "torchattacks",
+                 compact_every: Optional[int] = None, backend: Optional[str] = None,
+                 **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("Square", model, backend=backend, **engine)
         n_queries, n_restarts, p_init = check_square_args(
             norm, n_queries, n_restarts, p_init, loss, resc_schedule, seed, arithmetic, compact_every)

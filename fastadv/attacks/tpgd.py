@@ -1,13 +1,16 @@
 """TPGD: PGD on TRADES' KL loss against the clean prediction (Zhang et al., 2019). Linf, no labels."""
 import copy
+from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastadv import ops, validation
 from fastadv.attack import Attack
 from fastadv.attacks.pgd import linf_iterations
 from fastadv.engine import EXACT, autocast_dtype, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 
 class KLGradient:
@@ -73,7 +76,9 @@ def tpgd_loop(forward, x, y=None, *, eps, alpha, steps, backend=None, engine=EXA
     return adv.contiguous(memory_format=fmt)
 
 
-def tpgd(model, images, labels=None, *, eps=8 / 255, alpha=2 / 255, steps=10, backend=None, **engine):
+def tpgd(model: Model, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *, eps: Budget = 8 / 255,
+         alpha: Budget = 2 / 255, steps: int = 10, backend: Optional[str] = None,
+         **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """PGD maximizing the KL divergence between the model's clean and adversarial predictions.
 
     Arguments:
@@ -120,7 +125,8 @@ class TPGD(Attack):
 
     runs_on_slots = True
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, *,
+                 backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("TPGD", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)

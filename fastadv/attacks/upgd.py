@@ -1,7 +1,9 @@
 """UPGD: torchattacks' "ultimate" PGD (ce, margin or DLR loss, EOT, momentum, random start). Linf."""
 import contextlib
+from typing import Callable, Literal, Optional, Union
 
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
@@ -9,6 +11,7 @@ from fastadv.attacks.eotpgd import check_eot_iter
 from fastadv.attacks.momentum import MeanGradient, momentum_iterations
 from fastadv.attacks.pgd import uniform_start
 from fastadv.engine import EXACT, CrossEntropyGradient, autocast_dtype, run_functional
+from fastadv.hints import Budget, EngineKwargs, Model, Unpack
 
 LOSSES = ("ce", "margin", "dlr")
 
@@ -114,8 +117,11 @@ def upgd_loop(forward, x, y, *, eps, alpha, steps, random_start=False, loss="ce"
     return adv.contiguous(memory_format=fmt)
 
 
-def upgd(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, random_start=False, loss="ce", decay=1.0,
-         eot_iter=1, targeted=False, backend=None, **engine):
+def upgd(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: Budget = 8 / 255, alpha: Budget = 2 / 255,
+         steps: int = 10, random_start: bool = False,
+         loss: Union[Literal["ce", "margin", "dlr"], Callable[..., torch.Tensor]] = "ce", decay: float = 1.0,
+         eot_iter: int = 1, targeted: bool = False, backend: Optional[str] = None,
+         **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """UPGD: momentum sign steps on the mean of eot_iter gradients of a ce, margin or DLR loss.
 
     Arguments:
@@ -175,8 +181,10 @@ class UPGD(Attack):
         >>> adv_images = attack(images, labels)
     """
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=False, loss="ce", decay=1.0,
-                 eot_iter=1, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 random_start: bool = False,
+                 loss: Union[Literal["ce", "margin", "dlr"], Callable[..., torch.Tensor]] = "ce", decay: float = 1.0,
+                 eot_iter: int = 1, *, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("UPGD", model, backend=backend, **engine)
         self.eps = validation.check_budget(eps, "eps")
         self.alpha = validation.check_budget(alpha, "alpha", positive=True)

@@ -1,16 +1,21 @@
 """VANILA: the identity attack (returns a copy of the inputs), a baseline for clean accuracy."""
+from typing import Optional
+
 import torch
+import torch.nn as nn
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.engine import EXACT, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 
 
 def vanila_loop(forward, x, y=None, *, engine=EXACT):
     return x  # run_functional already hands over a copy on the model's device
 
 
-def vanila(model, images, labels=None, *, backend=None, **engine):
+def vanila(model: Model, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *, backend: Optional[str] = None,
+           **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """A copy of images on the model's device (validated like every attack's input).
 
     Arguments:
@@ -41,7 +46,7 @@ class VANILA(Attack):
         >>> adv_images = attack(images)
     """
 
-    def __init__(self, model, *, backend=None, **engine):
+    def __init__(self, model: nn.Module, *, backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> None:
         super().__init__("VANILA", model, backend=backend, **engine)
         self.supported_mode = ["default"]
 

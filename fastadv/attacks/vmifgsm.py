@@ -1,11 +1,14 @@
 """VMI-FGSM and VNI-FGSM (Wang & He, 2021): MI-FGSM (NI-FGSM) whose gradient is tuned by
 the variance of gradients at N random neighbours of the previous iterate. Linf."""
+from typing import Optional
+
 import torch
 
 from fastadv import validation
 from fastadv.attack import Attack
 from fastadv.attacks.momentum import Lookahead, VarianceTuned, check_count, momentum_iterations, refuse_early_stop
 from fastadv.engine import EXACT, CrossEntropyGradient, run_functional
+from fastadv.hints import EngineKwargs, Model, Unpack
 
 
 def vmifgsm_loop(forward, x, y, *, eps, alpha, steps, decay=1.0, N=5, beta=3 / 2, nesterov=False, targeted=False,
@@ -36,8 +39,9 @@ def _run(model, images, labels, *, eps, alpha, steps, decay, N, beta, nesterov, 
     )
 
 
-def vmifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, N=5, beta=3 / 2, targeted=False,
-            backend=None, **engine):
+def vmifgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 8 / 255, alpha: float = 2 / 255,
+            steps: int = 10, decay: float = 1.0, N: int = 5, beta: float = 3 / 2, targeted: bool = False,
+            backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Variance-tuned MI-FGSM.
 
     Arguments:
@@ -53,8 +57,9 @@ def vmifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, deca
                 targeted=targeted, backend=backend, engine=engine, name="VMIFGSM")
 
 
-def vnifgsm(model, images, labels, *, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, N=5, beta=3 / 2, targeted=False,
-            backend=None, **engine):
+def vnifgsm(model: Model, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 8 / 255, alpha: float = 2 / 255,
+            steps: int = 10, decay: float = 1.0, N: int = 5, beta: float = 3 / 2, targeted: bool = False,
+            backend: Optional[str] = None, **engine: Unpack[EngineKwargs]) -> torch.Tensor:
     """Variance-tuned NI-FGSM: as vmifgsm, the gradient taken at the Nesterov look-ahead
     point (the neighbours stay around the iterate). Bit-exact with torchattacks.VNIFGSM
     on the 'torch' backend with the same torch seed."""
