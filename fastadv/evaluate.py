@@ -9,9 +9,9 @@ misclassifies the adversarial example they return (fastadv.stages).
 Each stage takes the points the stage before left robust, in order, as units of
 batch_size (the chunks the original AutoAttack makes), every unit seeded from (seed,
 stage, unit). PGD, APGD, APGD-T and AutoAttack's APGD stages run on batch_size fixed-shape
-slots (fastadv.slots): a point leaves its slot once it is fooled, or, for PGD, once its
-iterates cycle, and the next point takes the slot; every model call has the shape
-[batch_size, ...]. The flags are those of the same slots without exits (``exits=False``,
+slots (fastadv.slots; fewer when the stage has fewer points): a point leaves its slot once it
+is fooled, or, for PGD, once its iterates cycle, and the next point takes the slot; every
+model call of a stage has the same shape. The flags are those of the same slots without exits (``exits=False``,
 ``fastadv eval --no-exits``), bit for bit, on any device where a sample's numbers depend on
 the batch's shape and not on the other samples (PyTorch's CPU kernels; CUDA: see
 ``benchmarks/gpu.sh``). A point's result depends only on its unit, which gives:
@@ -263,7 +263,7 @@ def evaluate(model: Model, data: Data, *args: Union[torch.Tensor, Sequence[Union
     eps=...)`` works as well. model: classifier on inputs in [0, 1] returning logits; it
     is evaluated in eval mode (restored after) on its own device; batches move there.
     attacks: names (see ATTACKS) or AttackSpec objects. eps: the budget in each attack's
-    norm. batch_size: the unit, and the slot count of the slot stages (default: a
+    norm. batch_size: the unit, and the slot count of the slot stages (at most a stage's points; default: a
     DataLoader's batch size, else 128); the same batch size gives the same numbers for any
     form of the same data. exits: let points leave their slots once fooled (or, in PGD,
     once their iterates cycle); False runs the same slots to the end, with the same flags.
@@ -454,7 +454,8 @@ class _Run:
                     self._clean(chunk, finished)
                 elif stage.on_slots:
                     if program is None:
-                        program = stage.program(self.counter, self.size, self.n_classes, self.exits)
+                        # never more slots than the stage's points (the same count on every rank)
+                        program = stage.program(self.counter, min(self.size, len(stream)), self.n_classes, self.exits)
                     stats = slots.run(program, self._units(k, chunk), device=self.device,
                                       on_unit_done=lambda unit: finished(unit, unit.results["robust"].cpu()))
                     rec["slots"] = stats if rec["slots"] is None else rec["slots"].add(stats)
