@@ -252,6 +252,16 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_SAME_SIZE_INT[t.element_size()])
 
 
+def on_device(array, device) -> torch.Tensor:
+    """Host numbers (a numpy array) as a tensor on device, without waiting for the device: on
+    CUDA through pinned memory, asynchronously (a copy from pageable memory syncs the stream).
+    The scheduler's per-step row lists and ages take this way."""
+    t = torch.as_tensor(array)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def to_host(t: torch.Tensor) -> np.ndarray:
     """A device tensor's numbers as a numpy array, in one copy (the one host sync on CUDA)."""
     return t.numpy().copy() if t.device.type == "cpu" else t.cpu().numpy()
@@ -328,7 +338,7 @@ class CycleWatch:
         self._fingerprint(position)
         save = (age > 0) & ((age & (age - 1)) == 0)  # powers of two
         if self.anchored and save.any():
-            rows = torch.as_tensor(np.flatnonzero(save), device=self.anchor.device)
+            rows = on_device(np.flatnonzero(save), self.anchor.device)
             self.anchor.index_copy_(0, rows, self.current.index_select(0, rows))
             self.anchor_print.index_copy_(0, rows, self.prints[position].index_select(0, rows))
             self.anchor_age[save] = age[save]

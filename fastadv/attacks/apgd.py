@@ -352,7 +352,6 @@ class APGDSlots:
         s.robust = torch.zeros(b, dtype=torch.bool, device=dev)
         s.increases = torch.zeros(b, dtype=torch.long, device=dev)  # the running count of loss increases
         s.history = torch.zeros(self.n_iter + 1, b, dtype=torch.long, device=dev)  # that count after each iteration
-        s.columns = torch.arange(b, device=dev)
         s.zero_grad = torch.zeros(b, dtype=torch.bool, device=dev)
         s.objective = _Objective(self.forward, s.y, self.loss, y_target=s.y_target, eot_iter=self.eot_iter,
                                  arithmetic=self.arithmetic, check=self.check, precision=self.precision)
@@ -390,13 +389,12 @@ class APGDSlots:
             s.zero_grad = _select(fresh, zero, s.zero_grad)
         # a fresh slot's first evaluation: its run's initial robust flag, best loss and gradient
         if running.any():
-            i = np.where(running, age - 1, 0)
             increased = loss.float() > s.last_loss  # the reference keeps its loss history in fp32
             if self.n_iter == 1:  # the reference compares iteration 0 with loss_steps[-1], itself then
                 increased = torch.zeros_like(increased)
             s.increases = _select(running, s.increases + increased, s.increases)
-            rows = torch.as_tensor(np.flatnonzero(running), device=s.y.device)
-            s.history[torch.as_tensor(age[running], device=s.y.device), rows] = s.increases.index_select(0, rows)
+            rows = slots.on_device(np.flatnonzero(running), s.y.device)
+            s.history[slots.on_device(age[running], s.y.device), rows] = s.increases.index_select(0, rows)
             s.last_loss = _select(running, loss.float(), s.last_loss)
             improved = loss > s.loss_best
             fooled = ~pred
@@ -429,10 +427,10 @@ class APGDSlots:
         if not at.any():
             return
         dev = s.y.device
-        rows = torch.as_tensor(np.flatnonzero(at), device=dev)
-        increases = s.increases[rows] - s.history[torch.as_tensor(age[at] - window[at], device=dev), rows]
+        rows = slots.on_device(np.flatnonzero(at), dev)
+        increases = s.increases[rows] - s.history[slots.on_device(age[at] - window[at], dev), rows]
         loss_best = s.loss_best[rows]
-        reduce = increases <= torch.as_tensor(self.threshold[i[at]], device=dev)
+        reduce = increases <= slots.on_device(self.threshold[i[at]], dev)
         reduce = reduce | (~s.reduced_last_check[rows] & (s.loss_best_last_check[rows] >= loss_best))
         s.reduced_last_check = s.reduced_last_check.index_copy(0, rows, reduce)
         s.loss_best_last_check = s.loss_best_last_check.index_copy(0, rows, loss_best)
@@ -449,7 +447,7 @@ class APGDSlots:
             return
         x_next = self._move(1.0 if fresh.all() else 0.75, out=s.spare)
         if fresh.any() and not fresh.all():  # a fresh run's first update has no momentum (a = 1)
-            rows = torch.as_tensor(np.flatnonzero(fresh), device=s.y.device)
+            rows = slots.on_device(np.flatnonzero(fresh), s.y.device)
             x_next.index_copy_(0, rows, self._move(1.0, rows))
         s.spare, s.x_old, s.x_adv = s.x_old, s.x_adv, x_next
 
@@ -460,8 +458,8 @@ class APGDSlots:
         x_adv, x_old, x, grad, step, eps = (pick(t) for t in (s.x_adv, s.x_old, s.x, s.grad, s.step, s.eps))
         if self.norm == "Linf":
             return ops.apgd_linf_step(x_adv, x_old, x, grad, step=step, eps=eps, a=a, backend=self.backend, out=out)
-        if self.first_step_only:
-            step = step[:1].expand(step.shape[0])
+        if self.first_step_only:  # the first slot's step for every row (a single batch: rows is None)
+            step = s.step[:1].expand(step.shape[0])
         return ops.apgd_l2_step(x_adv, x_old, x, grad, step=step, eps=eps, a=a, arithmetic=self.arithmetic,
                                 backend=self.backend, out=out)
 
@@ -474,7 +472,6 @@ class APGDSlots:
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b and name != "history":
                 setattr(s, name, value.index_select(0, rows))
         s.history = s.history.index_select(1, rows)
-        s.columns = torch.arange(rows.numel(), device=dev)
         s.objective.y, s.objective.y_target = s.y, s.y_target
         self.size = rows.numel()
 
@@ -517,7 +514,7 @@ class APGDSlots:
 
 
 def _device_mask(rows: np.ndarray, s) -> torch.Tensor:
-    return torch.as_tensor(rows, device=s.y.device)
+    return slots.on_device(rows, s.y.device)
 
 
 def _select(rows: np.ndarray, a, b, like=None):
@@ -526,7 +523,7 @@ def _select(rows: np.ndarray, a, b, like=None):
         return a
     if not rows.any():
         return b
-    mask = torch.as_tensor(rows, device=b.device)
+    mask = slots.on_device(rows, b.device)
     return torch.where(_column(mask, a) if a.dim() > 1 else mask, a, b)
 
 
@@ -591,17 +588,6 @@ def _run_once(forward, data, *, early_stop=False, keep_best=False, **options):
     unit = slots.Unit(n, data)
     slots.run(program, [unit], device=data["x"].device, shrink=early_stop)
     return unit.results
-
-
-def _warn_zero_gradients(grad):
-    """pyautoattack's check: warn when some samples have an all-zero gradient (one sync)."""
-    zero = (grad.reshape(grad.shape[0], -1).abs().sum(-1) == 0).sum().item()
-    if zero:
-        warnings.warn(
-            f"there are {zero} points with zero gradient! This might lead to unreliable evaluation "
-            "with gradient-based attacks.",
-            stacklevel=3,
-        )
 
 
 def apgd_loop(
