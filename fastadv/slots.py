@@ -28,7 +28,8 @@ The scheduler (``run``) is generic. A program, the attack's iteration on slots, 
   slot's occupant has done (numpy, -1 for an empty slot);
 - ``poll(age, limit)``: the exits only the device knows (a cycle, a fooled sample): returns
   the rows that exit now, and may lower limit (steps left once a long cycle is known);
-  one host sync; ``None`` when the program has no device exits;
+  one host sync; ``None`` when the program has no device exits; ``max_check_interval``
+  (optional): the most steps polls may lie apart;
 - ``retire(rows, phase, positions)``: store the results of members that leave; returns,
   per member, whether it goes on to the unit's next phase (None: none does);
 - ``finish(phase)`` (optional): called once every member of a phase has left.
@@ -40,10 +41,14 @@ import itertools
 import numpy as np
 import torch
 
-# How often, in steps, the scheduler asks the device which slots exit (one host sync each).
-# On the CPU a sync costs nothing and a late exit costs a step, so every step; on CUDA a sync
-# stalls the launch queue, so every few steps (not yet measured on a GPU; see gpu.sh).
+# How often, in steps, the scheduler asks the device which slots exit (one host sync each):
+# CHECK_EVERY steps after a check that let samples go, twice as far apart after each check
+# that found none, up to CHECK_EVERY_MAX. A late exit costs the sample's extra steps; a
+# check costs host work (and on CUDA a sync, which stalls the launch queue). Where samples
+# leave often the checks stay close; where nothing settles they thin out
+# (benchmarks/bench_slots.py measures both on the CPU; the CUDA values are not yet measured).
 CHECK_EVERY = {"cpu": 1, "cuda": 4}
+CHECK_EVERY_MAX = {"cpu": 8, "cuda": 16}
 
 
 @dataclasses.dataclass
@@ -113,7 +118,13 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None, shr
     """
     size = program.size
     device = torch.device(device) if device is not None else torch.device("cpu")
-    check_every = CHECK_EVERY.get(device.type, 4) if check_every is None else int(check_every)
+    if check_every is None:  # adaptive: see CHECK_EVERY
+        base, ceiling = CHECK_EVERY.get(device.type, 4), CHECK_EVERY_MAX.get(device.type, 16)
+    else:  # a fixed interval
+        base = ceiling = int(check_every)
+    cap = getattr(program, "max_check_interval", None)
+    if cap is not None:
+        base, ceiling = min(base, cap), min(ceiling, cap)
     stats = SlotStats(size=size)
     occupant = [None] * size  # (phase, position in phase.members) per slot
     age = np.full(size, -1, dtype=np.int64)
@@ -180,7 +191,7 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None, shr
                 phase.going_on.sort()
                 close_phase(phase)
 
-    since_poll = 0
+    since_poll, interval = 0, base
     while True:
         fill()
         live = age >= 0
@@ -200,11 +211,12 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None, shr
         age[live] += 1
         since_poll += 1
         exits = live & (age >= limit)
-        if since_poll >= check_every:
+        if since_poll >= interval:
             since_poll = 0
             polled = program.poll(age, limit)  # may lower limit
             if polled is not None:
                 exits |= live & (polled | (age >= limit))
+            interval = base if polled is not None and (live & polled).any() else min(2 * interval, ceiling)
         if exits.any():
             retire(np.flatnonzero(exits).tolist())
             if shrink and not queue and not source_open and 0 < (age >= 0).sum() < size:
@@ -289,14 +301,18 @@ class CycleWatch:
     next iterate is a function of the current one, per sample), so its iterate after T steps
     is the one (T - t) mod p steps further round the cycle, already in the ring. Periods the
     ring cannot hold are caught by an anchor, the iterate saved at every power-of-two age:
-    once the anchor lies on the cycle, the iterate equals it again after p steps; then the
-    slot goes on for the (T - t) mod p steps that bring it to the same final iterate.
+    once the anchor lies on the cycle, an iterate of the ring equals it again, p steps after
+    it; then the slot goes on for the (T - t) mod p steps that bring it to the same final iterate.
 
-    Each iterate gets a fingerprint as it is written (a dot product of its values with fixed
-    random weights: one read, deterministic at a fixed shape, so equal iterates get equal
-    fingerprints), and a check compares fingerprints, [history, B] numbers; only the rows
-    whose fingerprints match are compared bit for bit, and only a bitwise match closes a
-    cycle (a NaN iterate never matches: its cycle is simply not caught).
+    Every iterate gets a fingerprint (a dot product of its values with fixed random weights:
+    deterministic at a fixed shape, so equal iterates get equal fingerprints), and a check
+    compares fingerprints, [history, B] numbers; only the rows whose fingerprints match are
+    compared bit for bit, and only a bitwise match closes a cycle (a NaN iterate never
+    matches: its cycle is simply not caught). A step costs no device work beyond writing its
+    iterate: the fingerprints of the iterates written since the last check, and the anchors
+    due since then, are taken at the check, in one pass (``fetchable``). So the checks may be
+    up to ``history`` steps apart: every iterate is then still in the ring
+    at some check.
     """
 
     def __init__(self, adv: torch.Tensor, history: int, anchor: bool = True):
@@ -318,6 +334,8 @@ class CycleWatch:
         self.anchor_age = np.full(self.rows, -1, dtype=np.int64)
         self.anchored = anchor
         self.clock = 0  # the ring position of the current iterate
+        self.printed = -1  # the last clock whose iterates have their fingerprints
+        self.checked_age = np.zeros(self.rows, dtype=np.int64)  # each slot's age at the last check
 
     @property
     def current(self) -> torch.Tensor:
@@ -326,85 +344,123 @@ class CycleWatch:
     def next_buffer(self) -> torch.Tensor:
         return self.ring[(self.clock + 1) % self.history]
 
-    def _fingerprint(self, position):
-        rows = _flat(self.ring[position])
-        torch.mv(rows if rows.dtype == self.print_dtype else rows.to(self.print_dtype), self.weights,
-                 out=self.prints[position])
-
-    def advance(self, age):
-        """The update wrote the next iterate; age: each slot's steps done, after it."""
+    def advance(self):
+        """The update wrote the next iterate (into next_buffer())."""
         self.clock += 1
-        position = self.clock % self.history
-        self._fingerprint(position)
-        save = (age > 0) & ((age & (age - 1)) == 0)  # powers of two
-        if self.anchored and save.any():
-            rows = on_device(np.flatnonzero(save), self.anchor.device)
-            self.anchor.index_copy_(0, rows, self.current.index_select(0, rows))
-            self.anchor_print.index_copy_(0, rows, self.prints[position].index_select(0, rows))
-            self.anchor_age[save] = age[save]
 
-    def fetchable(self):
+    def _fingerprint(self):
+        """The fingerprints of the iterates written since the last ones: one product per
+        contiguous run of the ring (at most two)."""
+        h, rows = self.history, self.rows
+        first = max(self.printed + 1, self.clock - h + 1)
+        positions = [c % h for c in range(first, self.clock + 1)]
+        runs = [[positions[0], positions[0]]] if positions else []
+        for p in positions[1:]:
+            if p == runs[-1][1] + 1:
+                runs[-1][1] = p
+            else:
+                runs.append([p, p])
+        for lo, hi in runs:
+            block = _flat(self.store[lo * rows:(hi + 1) * rows])
+            torch.mv(block if block.dtype == self.print_dtype else block.to(self.print_dtype), self.weights,
+                     out=self.prints[lo:hi + 1].view(-1))
+        self.printed = self.clock
+
+    def _save_anchors(self, age):
+        """Per slot, the anchor due since the last check: its iterate at the newest power-of-two
+        age passed since then (still in the ring: checks are at most history steps apart)."""
+        live = age > 0
+        power = np.where(live, np.ldexp(1, np.frexp(np.maximum(age, 1))[1] - 1).astype(np.int64), 0)
+        due = live & (power > self.checked_age)
+        self.checked_age = np.maximum(age, 0)
+        if not due.any():
+            return
+        rows = np.flatnonzero(due)
+        back = age[rows] - power[rows]
+        if back.max() >= self.history:
+            raise RuntimeError(f"cycle checks more than {self.history} steps apart")  # the scheduler's cap
+        entries = on_device((self.clock - back) % self.history * self.rows + rows, self.store.device)
+        device_rows = on_device(rows, self.store.device)
+        self.anchor.index_copy_(0, device_rows, self.store.index_select(0, entries))
+        self.anchor_print.index_copy_(0, device_rows, self.prints.view(-1).index_select(0, entries))
+        self.anchor_age[rows] = power[rows]
+
+    def fetchable(self, age):
         """The device numbers a check needs (the fingerprints of the ring and of the anchors),
-        flat, for the caller to fetch with its own in one host sync."""
+        flat, for the caller to fetch with its own in one host sync. age: each slot's steps
+        done (-1: empty)."""
+        self._fingerprint()
+        if self.anchored:
+            self._save_anchors(age)
         return torch.cat([self.prints.flatten(), self.anchor_print])
 
     def match(self, fetched, age):
         """On the host, from fetchable()'s numbers: per slot, the period whose fingerprint
-        matches (0: none) and whether the fingerprint is back at the anchor's (numpy arrays).
-        resolve verifies them bit for bit."""
+        matches the current iterate's (0: none), and how many steps back an iterate of the
+        ring matches the anchor (-1: none). resolve verifies them bit for bit."""
         h, rows = self.history, self.rows
         prints, anchor = fetched[:h * rows].reshape(h, rows), fetched[h * rows:]
         cur = prints[self.clock % h]
-        back = (self.clock - np.arange(h)) % h  # how many steps back each ring entry lies
-        depth = np.minimum(np.maximum(age, 0), h - 1)
-        valid = (prints == cur) & (back[:, None] > 0) & (back[:, None] <= depth[None, :])
-        period = np.where(valid, back[:, None], h).min(0)
+        back = ((self.clock - np.arange(h)) % h)[:, None]  # how many steps back each ring entry lies
+        depth = np.minimum(np.maximum(age, 0), h - 1)[None, :]
+        in_run = back <= depth  # the entry belongs to the slot's present occupant
+        valid = (prints == cur) & (back > 0) & in_run
+        period = np.where(valid, back, h).min(0)
         period = np.where(period < h, period, 0)
-        home = (self.anchor_age >= 0) & (self.anchor_age < age) & (anchor == cur)
-        return period, home
+        # an iterate written after the anchor was saved (age - back > anchor_age) that equals it
+        home = (prints == anchor) & in_run & (age[None, :] - back > self.anchor_age[None, :]) \
+            & (self.anchor_age >= 0)[None, :]
+        home_back = np.where(home, back, h).min(0)
+        return period, np.where(home_back < h, home_back, -1)
 
-    def _verified(self, rows, others):
-        """Of the rows (numpy), those whose current iterate equals, bit for bit, the row of
-        `others` ([len(rows), ...] tensor) (one small sync)."""
-        idx = torch.as_tensor(rows, device=self.store.device)
-        cur = _flat_bits(self.current.index_select(0, idx))
-        return rows[np.array((cur == _flat_bits(others)).all(1).tolist(), dtype=bool)]
+    def _verified(self, rows, mine, others):
+        """Of the rows (numpy), those whose entry `mine` ([len(rows)] ring entries, flat store rows)
+        equals, bit for bit, the row of `others` ([len(rows), ...] tensor) (one small sync)."""
+        dev = self.store.device
+        entries = _flat_bits(self.store.index_select(0, torch.as_tensor(mine, device=dev)))
+        return rows[np.array((entries == _flat_bits(others)).all(1).tolist(), dtype=bool)]
 
-    def resolve(self, period, back, age, limit, *, finish_long=True):
+    def resolve(self, period, home_back, age, limit, *, finish_long=True):
         """The host side of a check (match's numpy arrays): returns the slots whose cycle is closed; the
         ring's cycles get their final iterate written into the current ring buffer now. A cycle
         found at the anchor lowers limit to the step that lands on the same final iterate
         (finish_long), or closes at once (finish_long=False: only the flags are wanted, and
         every iterate of the cycle has been seen)."""
+        h, dev = self.history, self.store.device
         closed = np.zeros(self.rows, dtype=bool)
         rows = np.flatnonzero(period > 0)
         if len(rows):
-            entries = (self.clock - period[rows]) % self.history * self.rows + rows
-            rows = self._verified(rows, self.store.index_select(0, torch.as_tensor(entries, device=self.store.device)))
+            current = self.clock % h * self.rows + rows
+            entries = (self.clock - period[rows]) % h * self.rows + rows
+            rows = self._verified(rows, current, self.store.index_select(0, torch.as_tensor(entries, device=dev)))
             closed[rows] = True
         if closed.any():
             rows = np.flatnonzero(closed)
             p = period[rows]
-            offset = (self.clock - p + (limit[rows] - age[rows]) % p) % self.history
+            offset = (self.clock - p + (limit[rows] - age[rows]) % p) % h
             current = self.current
             for r, o in zip(rows.tolist(), offset.tolist()):
-                if o != self.clock % self.history:
+                if o != self.clock % h:
                     current[r] = self.ring[o][r]
-        rows = np.flatnonzero((back > 0) & ~closed)
+        rows = np.flatnonzero((home_back >= 0) & ~closed)
         if len(rows):
-            rows = self._verified(rows, self.anchor.index_select(0, torch.as_tensor(rows, device=self.store.device)))
+            entries = (self.clock - home_back[rows]) % h * self.rows + rows
+            rows = self._verified(rows, entries, self.anchor.index_select(0, torch.as_tensor(rows, device=dev)))
             if len(rows) and not finish_long:
                 closed[rows] = True
             elif len(rows):
-                p = age[rows] - self.anchor_age[rows]
+                p = age[rows] - home_back[rows] - self.anchor_age[rows]
                 limit[rows] = age[rows] + (limit[rows] - age[rows]) % p
         return closed
 
     def admit(self, rows: torch.Tensor):
-        """New occupants (their start iterates are in the current buffer): forget their anchors
-        and fingerprint their starts (the older ring entries are masked by age)."""
-        self.anchor_age[rows.cpu().numpy()] = -1
-        self._fingerprint(self.clock % self.history)
+        """New occupants (their start iterates are in the current buffer): forget their anchors;
+        their starts get fingerprints with the next check's (or now, if this step's are taken)."""
+        rows = rows.cpu().numpy()
+        self.anchor_age[rows] = -1
+        self.checked_age[rows] = 0
+        if self.printed >= self.clock:
+            self.printed = self.clock - 1
 
 
 # -- a fixed number of steps of one iterate: PGD, BIM, RFGSM, TPGD ------------------------------
@@ -471,6 +527,10 @@ class Iterations:
     def phases(self, unit):
         return 1
 
+    @property
+    def max_check_interval(self):
+        return self.history if self.cycle_exit else None  # CycleWatch's: every iterate seen by some check
+
     def _allocate(self, data):
         self.bufs = slot_buffers(data, self.size)
         adv = self.bufs.pop("adv")
@@ -521,21 +581,21 @@ class Iterations:
             self.update(adv, g, out=adv, **self.bufs)
             return
         self.update(adv, g, out=self.watch.next_buffer(), **self.bufs)
-        self.watch.advance(np.where(age >= 0, age + 1, -1))
+        self.watch.advance()
 
     def poll(self, age, limit):
         if self.watch is None and not self.fooled_exit:
             return None
         parts = [self.fooled] if self.fooled_exit else []
         if self.watch is not None:
-            parts.append(self.watch.fetchable())
+            parts.append(self.watch.fetchable(age))
         got = to_host(torch.cat([p.to(torch.float64) for p in parts]))  # the one host sync of a poll
         exits = got[:self.size] > 0 if self.fooled_exit else np.zeros(self.size, dtype=bool)
         if self.watch is not None:
             period, home = self.watch.match(got[self.size:] if self.fooled_exit else got, age)
             # a fooled sample that retires now keeps its result; the cycle's final iterate is
             # written only for the others (flags need no iterate: every one of the cycle was seen)
-            period, home = np.where(exits, 0, period), home & ~exits
+            period, home = np.where(exits, 0, period), np.where(exits, -1, home)
             exits |= self.watch.resolve(period, home, age, limit, finish_long=self.result != "flags")
         return exits
 

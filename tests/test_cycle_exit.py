@@ -182,6 +182,44 @@ def test_slots_land_on_the_iterate_each_period_implies(steps, size):
         assert grad.evaluations < 0.6 * ceiling, grad.evaluations
 
 
+@pytest.mark.parametrize("check_every", [3, 16])
+@pytest.mark.parametrize("steps", [63, 200])
+def test_slots_land_on_the_iterate_each_period_implies_with_checks_apart(steps, check_every):
+    """Checks up to the ring's length apart still catch every period, the long ones at the anchor."""
+    tails = torch.tensor([0, 3, 0, 7, 2, 11, 0, 5, 1, 30])
+    periods = torch.tensor([1, 1, 2, 3, 5, 8, 15, 16, 40, 1000])
+    start = torch.zeros(10, 3)
+    per_sample = {"tail": tails, "period": periods}
+    expected = loop.run(ticker, Countdown(), start.clone(), steps, per_sample)
+    grad = Countdown()
+    actual = slots.iterate(ticker, grad, start.clone(), steps, per_sample, size=4, cycle_exit=True,
+                           check_every=check_every)
+    assert_equal(actual, expected)
+    plain = Countdown()
+    slots.iterate(ticker, plain, start.clone(), steps, per_sample, size=4, cycle_exit=False)
+    assert grad.evaluations < 0.7 * plain.evaluations, (grad.evaluations, plain.evaluations)
+
+
+def test_slot_checks_thin_out_while_nothing_settles():
+    """The default schedule: a check after the first step, then twice as far apart after each check
+    that let no sample go, up to CHECK_EVERY_MAX (samples whose steps ran out leave without one)."""
+    start = torch.zeros(4, 2)
+    per_sample = {"tail": torch.zeros(4, dtype=torch.long), "period": torch.full((4,), 1000)}
+    program = slots.Iterations(size=2, steps=41, update=ticker, make_grad=Countdown().on_slots, cycle_exit=True)
+    unit = slots.Unit(4, {"adv": start, **per_sample})
+    with Recorder() as rec:
+        stats = slots.run(program, [unit])
+    assert stats.calls == 82
+    base, ceiling = slots.CHECK_EVERY["cpu"], slots.CHECK_EVERY_MAX["cpu"]
+    polls, interval = [0], base
+    for step in range(1, 83):
+        if step - polls[-1] >= interval:
+            polls.append(step)
+            interval = min(2 * interval, ceiling)
+    polls = polls[1:]
+    assert len(rec.syncs) == len(polls) < 82 // 4, (rec.syncs, polls)
+
+
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_slots_sync_once_per_check_while_nothing_settles(check_every):
     start = torch.zeros(4, 2)

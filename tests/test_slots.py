@@ -289,7 +289,7 @@ def test_scheduler_phases_and_units_on_a_synthetic_program():
     program.need = {}
     units = [slots.Unit(n, key=k) for k, n in enumerate((5, 1, 4))]
     done = []
-    stats = slots.run(program, units, on_unit_done=lambda u: done.append(u.key))
+    stats = slots.run(program, units, on_unit_done=lambda u: done.append(u.key), check_every=1)
     assert sorted(done) == [0, 1, 2]
     assert units[0].results["phases"] == {0: [0, 1, 2, 3, 4], 1: [0, 2, 4], 2: [0, 2, 4]}
     assert units[1].results["phases"] == {0: [0], 1: [0], 2: [0]}
