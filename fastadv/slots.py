@@ -300,9 +300,10 @@ class CycleWatch:
     the one of p <= history - 1 steps earlier, its sequence has period p from there on (the
     next iterate is a function of the current one, per sample), so its iterate after T steps
     is the one (T - t) mod p steps further round the cycle, already in the ring. Periods the
-    ring cannot hold are caught by an anchor, the iterate saved at every power-of-two age:
-    once the anchor lies on the cycle, an iterate of the ring equals it again, p steps after
-    it; then the slot goes on for the (T - t) mod p steps that bring it to the same final iterate.
+    ring cannot hold are caught by an anchor, the iterate saved at every power-of-two age from
+    `history` on: once the anchor lies on the cycle, an iterate of the ring equals it again, p
+    steps after it; then the slot goes on for the (T - t) mod p steps that bring it to the
+    same final iterate.
 
     Every iterate gets a fingerprint (a dot product of its values with fixed random weights:
     deterministic at a fixed shape, so equal iterates get equal fingerprints), and a check
@@ -310,7 +311,7 @@ class CycleWatch:
     compared bit for bit, and only a bitwise match closes a cycle (a NaN iterate never
     matches: its cycle is simply not caught). A step costs no device work beyond writing its
     iterate: the fingerprints of the iterates written since the last check, and the anchors
-    due since then, are taken at the check, in one pass (``fetchable``). So the checks may be
+    due since then, are taken at the check, in one pass (``fetch``). So the checks may be
     up to ``history`` steps apart: every iterate is then still in the ring
     at some check.
     """
@@ -328,9 +329,13 @@ class CycleWatch:
         # fingerprints in the iterate's own values (no conversion pass); half types in fp32
         self.print_dtype = adv.dtype if adv.dtype in (torch.float32, torch.float64) else torch.float32
         self.weights = torch.rand(adv[0].numel(), generator=gen, dtype=self.print_dtype).to(adv.device)
-        self.prints = torch.zeros(history, self.rows, dtype=self.print_dtype, device=adv.device)
+        # what a check reads, in one buffer (one host read): the ring's fingerprints, the anchors',
+        # and the caller's per-slot flags (fetch's flags: a fooled sample, say)
+        self.board = torch.zeros((history + 2) * self.rows, dtype=self.print_dtype, device=adv.device)
+        self.prints = self.board[:history * self.rows].view(history, self.rows)
+        self.anchor_print = self.board[history * self.rows:(history + 1) * self.rows]
+        self.flags = self.board[(history + 1) * self.rows:]
         self.anchor = torch.empty_like(adv)
-        self.anchor_print = torch.zeros(self.rows, dtype=self.print_dtype, device=adv.device)
         self.anchor_age = np.full(self.rows, -1, dtype=np.int64)
         self.anchored = anchor
         self.clock = 0  # the ring position of the current iterate
@@ -368,8 +373,9 @@ class CycleWatch:
 
     def _save_anchors(self, age):
         """Per slot, the anchor due since the last check: its iterate at the newest power-of-two
-        age passed since then (still in the ring: checks are at most history steps apart)."""
-        live = age > 0
+        age passed since then (still in the ring: checks are at most history steps apart). From
+        age history on: shorter runs have only periods the ring closes."""
+        live = age >= self.history
         power = np.where(live, np.ldexp(1, np.frexp(np.maximum(age, 1))[1] - 1).astype(np.int64), 0)
         due = live & (power > self.checked_age)
         self.checked_age = np.maximum(age, 0)
@@ -385,21 +391,27 @@ class CycleWatch:
         self.anchor_print.index_copy_(0, device_rows, self.prints.view(-1).index_select(0, entries))
         self.anchor_age[rows] = power[rows]
 
-    def fetchable(self, age):
-        """The device numbers a check needs (the fingerprints of the ring and of the anchors),
-        flat, for the caller to fetch with its own in one host sync. age: each slot's steps
-        done (-1: empty)."""
+    def fetch(self, age, flags=None):
+        """A check's one host read: the fingerprints of the iterates written since the last
+        check, the anchors due, and flags ([rows] bool on the device, the caller's, or None) go
+        to the host together. age: each slot's steps done (-1: empty). Returns (flags as a numpy
+        bool array or None, and match's period and home_back)."""
         self._fingerprint()
         if self.anchored:
             self._save_anchors(age)
-        return torch.cat([self.prints.flatten(), self.anchor_print])
-
-    def match(self, fetched, age):
-        """On the host, from fetchable()'s numbers: per slot, the period whose fingerprint
-        matches the current iterate's (0: none), and how many steps back an iterate of the
-        ring matches the anchor (-1: none). resolve verifies them bit for bit."""
+        if flags is not None:
+            self.flags.copy_(flags)
+        got = to_host(self.board)
         h, rows = self.history, self.rows
-        prints, anchor = fetched[:h * rows].reshape(h, rows), fetched[h * rows:]
+        period, home_back = self.match(got[:h * rows].reshape(h, rows), got[h * rows:(h + 1) * rows], age)
+        return (got[(h + 1) * rows:] > 0 if flags is not None else None), period, home_back
+
+    def match(self, prints, anchor, age):
+        """On the host, from the fingerprints of the ring ([history, rows]) and of the anchors:
+        per slot, the period whose fingerprint matches the current iterate's (0: none), and how
+        many steps back an iterate of the ring matches the anchor (-1: none). resolve verifies
+        them bit for bit."""
+        h = self.history
         cur = prints[self.clock % h]
         back = ((self.clock - np.arange(h)) % h)[:, None]  # how many steps back each ring entry lies
         depth = np.minimum(np.maximum(age, 0), h - 1)[None, :]
@@ -584,20 +596,14 @@ class Iterations:
         self.watch.advance()
 
     def poll(self, age, limit):
-        if self.watch is None and not self.fooled_exit:
-            return None
-        parts = [self.fooled] if self.fooled_exit else []
-        if self.watch is not None:
-            parts.append(self.watch.fetchable(age))
-        got = to_host(torch.cat([p.to(torch.float64) for p in parts]))  # the one host sync of a poll
-        exits = got[:self.size] > 0 if self.fooled_exit else np.zeros(self.size, dtype=bool)
-        if self.watch is not None:
-            period, home = self.watch.match(got[self.size:] if self.fooled_exit else got, age)
-            # a fooled sample that retires now keeps its result; the cycle's final iterate is
-            # written only for the others (flags need no iterate: every one of the cycle was seen)
-            period, home = np.where(exits, 0, period), np.where(exits, -1, home)
-            exits |= self.watch.resolve(period, home, age, limit, finish_long=self.result != "flags")
-        return exits
+        if self.watch is None:
+            return to_host(self.fooled) if self.fooled_exit else None  # the one host sync of a poll
+        fooled, period, home = self.watch.fetch(age, self.fooled if self.fooled_exit else None)  # the one sync
+        exits = fooled if fooled is not None else np.zeros(self.size, dtype=bool)
+        # a fooled sample that retires now keeps its result; the cycle's final iterate is
+        # written only for the others (flags need no iterate: every one of the cycle was seen)
+        period, home = np.where(exits, 0, period), np.where(exits, -1, home)
+        return exits | self.watch.resolve(period, home, age, limit, finish_long=self.result != "flags")
 
     def retire(self, rows, phase, positions):
         device_rows = rows.to(self.fooled.device)
