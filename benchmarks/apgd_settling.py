@@ -7,7 +7,7 @@ and their halved step sizes leave it where it is). This runs APGD-CE on the digi
 the model classifies correctly (the points `fastadv eval --attack apgd-ce` attacks) as one
 batch of slots, and reports, over the points it leaves robust: how many reached such a fixed
 point and when, how many of the 64 coordinates still moved at the last update, and the step
-size then.
+size then. (An exit at such a fixed point is not built: too few points reach one.)
 
     python -m benchmarks.apgd_settling            # results/apgd_settling_cpu.md
 """
@@ -42,7 +42,8 @@ class WatchedAPGD(APGDSlots):
             self.first_fixed = np.full(self.size, -1)
         newly = fixed.numpy() & (self.first_fixed < 0)
         self.first_fixed[newly] = age[newly]
-        self.moved.append((moved.numpy(), s.step.clone().numpy()))
+        if (age < self.n_iter).any():  # an update ran (none after the last iteration)
+            self.moved.append((moved.numpy(), s.step.clone().numpy()))
 
 
 def measure(name, eps, n_iter, seed=0):
