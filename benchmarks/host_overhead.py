@@ -5,7 +5,8 @@ On a launch-bound GPU step the host's time is the step's time; on the CPU it can
 measured directly. For each case: CPU-time medians (``time.process_time``, one thread) of
 ``--calls`` back-to-back calls per sample, ``--repeats`` samples per library after a warm-up,
 the order alternating every sample (fastadv, torchattacks, then torchattacks, fastadv);
-the spread as p20-p80; and the ATen ops each library dispatches per call and per step
+the spread as p20-p80; the median of the per-sample ratios (each sample times the two
+libraries back to back, so their ratio there is free of the machine's slow drifts); and the ATen ops each library dispatches per call and per step
 (ops at 20 steps minus ops at 10, over 10), counted with a TorchDispatchMode.
 
     python -m benchmarks.host_overhead                 # both cases, results/host_overhead_cpu.{json,md}
@@ -27,7 +28,8 @@ from . import results, timing
 CASES = {"mlp-b1": ("MLP", 1), "cnn-b8": ("SmallCNN", 8)}
 COLUMNS = [
     ("case", "case"), ("steps", "steps"), ("fastadv ms", "fastadv_ms"), ("torchattacks ms", "reference_ms"),
-    ("fastadv / torchattacks", "ratio"), ("fastadv p20-p80", "fastadv_spread"),
+    ("fastadv / torchattacks", "ratio"), ("paired ratio", "paired_ratio"), ("paired p20-p80", "paired_spread"),
+    ("fastadv p20-p80", "fastadv_spread"),
     ("torchattacks p20-p80", "reference_spread"), ("ops/call fastadv / ta", "ops_call"),
     ("ops/step fastadv / ta", "ops_step"), ("samples x calls", "samples"), ("clock", "clock"),
     ("threads", "threads"), ("load", "load_avg_1m"), ("env", "env"),
@@ -97,9 +99,13 @@ def measure(name, *, steps, repeats, calls, warmup):
             run(lib)
             samples[lib].append((time.process_time() - c0) * 1e3 / calls)
     fa, ta = timing.summary(samples["fastadv"]), timing.summary(samples["torchattacks"])
+    # each repeat timed the two libraries back to back: their ratio there cancels the machine's
+    # slower drifts (clock, neighbours), which the two medians' ratio carries
+    paired = timing.summary([f / t for f, t in zip(samples["fastadv"], samples["torchattacks"])])
     return {
         "bench": "host_overhead", "case": f"{name}/PGD-{steps}", "steps": steps,
         "fastadv_ms": fa[0], "reference_ms": ta[0], "ratio": fa[0] / ta[0],
+        "paired_ratio": paired[0], "paired_spread": f"{paired[1]:.3f}-{paired[2]:.3f}",
         "fastadv_spread": f"{fa[1]:.3f}-{fa[2]:.3f}", "reference_spread": f"{ta[1]:.3f}-{ta[2]:.3f}",
         "ops_call": f"{ops['fastadv'][0]} / {ops['torchattacks'][0]}",
         "ops_step": f"{ops['fastadv'][1]:g} / {ops['torchattacks'][1]:g}",

@@ -381,40 +381,45 @@ class APGDSlots:
     def step(self, age):
         s = self.s
         live = age >= 0
-        fresh, running = live & (age == 0), age >= 1
+        dev = s.y.device
+        fresh, running = _Rows(live & (age == 0), dev), _Rows(age >= 1, dev)
         loss, logits, grad = s.objective(s.x_adv)
         pred = logits.max(1)[1] == s.y
-        if self.warn_zero and fresh.any():
+        if self.warn_zero and fresh.any:
             zero = (grad.reshape(grad.shape[0], -1).abs().sum(-1) == 0)
-            s.zero_grad = _select(fresh, zero, s.zero_grad)
+            s.zero_grad = fresh.select(zero, s.zero_grad)
         # a fresh slot's first evaluation: its run's initial robust flag, best loss and gradient
-        if running.any():
+        if running.any:
             increased = loss.float() > s.last_loss  # the reference keeps its loss history in fp32
             if self.n_iter == 1:  # the reference compares iteration 0 with loss_steps[-1], itself then
                 increased = torch.zeros_like(increased)
-            s.increases = _select(running, s.increases + increased, s.increases)
-            rows = slots.on_device(np.flatnonzero(running), s.y.device)
-            s.history[slots.on_device(age[running], s.y.device), rows] = s.increases.index_select(0, rows)
-            s.last_loss = _select(running, loss.float(), s.last_loss)
-            improved = loss > s.loss_best
+            s.increases = running.select(s.increases + increased, s.increases)
+            ages = age[running.host]
+            if running.all and (ages == ages[0]).all():  # one iteration for every slot: a row of history
+                s.history[int(ages[0])].copy_(s.increases)
+            else:
+                rows = slots.on_device(np.flatnonzero(running.host), dev)
+                s.history[slots.on_device(ages, dev), rows] = s.increases.index_select(0, rows)
+            s.last_loss = running.select(loss.float(), s.last_loss)
+            improved = running.restrict(loss > s.loss_best)
             fooled = ~pred
             if self.first_fooled:  # keep the first fooling iterate: track it while the run is robust
                 fooled = fooled & s.robust
-            ops.apgd_track_(s.x_adv, grad, s.x_best, s.grad_best, s.x_best_adv, _mask(running, improved, s),
-                            _mask(running, fooled, s), backend=self.backend)
-            s.loss_best = torch.where(_mask(running, improved, s), loss, s.loss_best)
-            s.robust = _select(running, s.robust & pred, s.robust)
-        s.robust = _select(fresh, pred, s.robust)
-        s.loss_best = _select(fresh, loss, s.loss_best)
-        s.loss_best_last_check = _select(fresh, loss, s.loss_best_last_check)
-        if fresh.any():
-            s.grad_best = _select(fresh, grad, s.grad_best) if not fresh.all() else grad.clone()
+            ops.apgd_track_(s.x_adv, grad, s.x_best, s.grad_best, s.x_best_adv, improved, running.restrict(fooled),
+                            backend=self.backend)
+            s.loss_best = torch.where(improved, loss, s.loss_best)
+            s.robust = running.select(s.robust & pred, s.robust)
+        if fresh.any:
+            s.robust = fresh.select(pred, s.robust)
+            s.loss_best = fresh.select(loss, s.loss_best)
+            s.loss_best_last_check = fresh.select(loss, s.loss_best_last_check)
+            s.grad_best = fresh.select(grad, s.grad_best) if not fresh.all else grad.clone()
         s.grad = grad
-        if self.verbose and running.any() and len(set(age[live].tolist())) == 1:
+        if self.verbose and running.any and len(set(age[live].tolist())) == 1:
             print("iteration: {} - Best loss: {:.6f}".format(int(age[live][0]) - 1, s.loss_best.sum()))
-        if running.any():
-            self._checkpoint(age, running)
-        self._update(age, live, fresh)
+        if running.any:
+            self._checkpoint(age, running.host)
+        self._update(age, live, fresh.host)
 
     def _checkpoint(self, age, running):
         """The checkpoint of the slots whose iteration ends one: halve the step where the loss
@@ -513,23 +518,28 @@ class APGDSlots:
                 restart, target, unit.results["robust"].float().mean(), time.time() - unit.data.get("t0", 0.0)))
 
 
-def _device_mask(rows: np.ndarray, s) -> torch.Tensor:
-    return slots.on_device(rows, s.y.device)
+class _Rows:
+    """A set of slots: a numpy bool [B] mask, and its device copy, made once, when first needed."""
 
+    def __init__(self, host: np.ndarray, device):
+        self.host, self.device, self._mask = host, device, None
+        self.all, self.any = bool(host.all()), bool(host.any())
 
-def _select(rows: np.ndarray, a, b, like=None):
-    """a in the slots rows marks, b elsewhere (rows: numpy bool [B]); no op where rows is uniform."""
-    if rows.all():
-        return a
-    if not rows.any():
-        return b
-    mask = slots.on_device(rows, b.device)
-    return torch.where(_column(mask, a) if a.dim() > 1 else mask, a, b)
+    @property
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            self._mask = slots.on_device(self.host, self.device)
+        return self._mask
 
+    def select(self, a, b):
+        """a in these slots, b elsewhere; no op where the set is all or none."""
+        if self.all or not self.any:
+            return a if self.all else b
+        return torch.where(_column(self.mask, a) if a.dim() > 1 else self.mask, a, b)
 
-def _mask(rows: np.ndarray, m: torch.Tensor, s) -> torch.Tensor:
-    """m restricted to the slots rows marks."""
-    return m if rows.all() else m & _device_mask(rows, s)
+    def restrict(self, m: torch.Tensor) -> torch.Tensor:
+        """The [B] bool m, False outside these slots."""
+        return m if self.all else m & self.mask
 
 
 def apgd_single_run(
