@@ -119,7 +119,8 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None, shr
     size = program.size
     device = torch.device(device) if device is not None else torch.device("cpu")
     if check_every is None:  # adaptive: see CHECK_EVERY
-        base, ceiling = CHECK_EVERY.get(device.type, 4), CHECK_EVERY_MAX.get(device.type, 16)
+        base = CHECK_EVERY.get(device.type, 4)
+        ceiling = max(base, CHECK_EVERY_MAX.get(device.type, 16))
     else:  # a fixed interval
         base = ceiling = int(check_every)
     cap = getattr(program, "max_check_interval", None)
