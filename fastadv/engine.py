@@ -186,6 +186,18 @@ def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
+def _modules(model: nn.Module) -> list:
+    """model and every module under it, each once: nn.Module.modules() without the names it
+    builds (model_guard walks the model on every call)."""
+    out, seen = [model], {id(model)}
+    for m in out:  # the list grows as it is read: breadth first
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+    return out
+
+
 @contextlib.contextmanager
 def model_guard(model, *, model_training=False, batchnorm_training=False, dropout_training=False):
     """Put the model in attack mode; restore every module's mode and requires_grad after.
@@ -199,7 +211,7 @@ def model_guard(model, *, model_training=False, batchnorm_training=False, dropou
         yield
         return
     modes, trainable = [], {}
-    for m in model.modules():  # one walk: parameters() would walk the modules again
+    for m in _modules(model):  # one walk: parameters() would walk the modules again
         modes.append((m, m.training))
         for p in m._parameters.values():
             if p is not None and p.requires_grad:

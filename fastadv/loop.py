@@ -155,24 +155,21 @@ def _retry_on_oom(fn, x, y, size, return_size=False):
 def halving_on_oom(fn, size, device):
     """fn(size), retried with size halved (from the same RNG state) while an allocation fails;
     returns (result, the size that ran)."""
-    device = torch.device(device)
-
-    def rng_state():
-        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-    def set_rng_state(state):
-        torch.cuda.set_rng_state(state, device) if device.type == "cuda" else torch.set_rng_state(state)
-
-    state = rng_state()
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    cuda = device.type == "cuda"
+    state = torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
     while True:
         try:
             return fn(size), size
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if size == 1 or not is_out_of_memory(exc):
                 raise
-            if device.type == "cuda":
+            # the retry draws the same random start
+            if cuda:
                 torch.cuda.empty_cache()
-            set_rng_state(state)  # the retry draws the same random start
+                torch.cuda.set_rng_state(state, device)
+            else:
+                torch.set_rng_state(state)
             size = (size + 1) // 2
             warnings.warn(f"fastadv: {device.type.upper()} out of memory; continuing with chunks of {size}",
                           stacklevel=5)

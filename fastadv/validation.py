@@ -123,17 +123,20 @@ class Deferred:
 
 
 def read_scalars(values) -> list:
-    """0-d tensors as Python floats: one transfer per accelerator (the values cast to float64
-    to share it); in host memory, where a read waits for nothing, one per dtype (no casts)."""
+    """0-d tensors as Python numbers: one transfer per accelerator (the values cast to float64
+    to share it); in host memory, where a read waits for nothing, each read alone (no stacking)."""
     from fastadv.backend import KERNEL_DEVICE
 
+    host = [None] * len(values)
     groups = {}
     for i, v in enumerate(values):
-        groups.setdefault((v.device, None if v.device.type == KERNEL_DEVICE else v.dtype), []).append(i)
-    host = [0.0] * len(values)
-    for (_, dtype), rows in groups.items():
+        if v.device.type == KERNEL_DEVICE:
+            groups.setdefault(v.device, []).append(i)
+        else:
+            host[i] = v.item()
+    for rows in groups.values():
         same = [values[i] for i in rows]
-        if dtype is None and len({v.dtype for v in same}) > 1:
+        if len({v.dtype for v in same}) > 1:
             same = [v.to(torch.float64) for v in same]
         for i, h in zip(rows, torch.stack(same).tolist() if len(same) > 1 else [same[0].item()]):
             host[i] = h
