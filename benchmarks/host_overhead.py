@@ -11,6 +11,11 @@ libraries back to back, so their ratio there is free of the machine's slow drift
 
     python -m benchmarks.host_overhead                 # both cases, results/host_overhead_cpu.{json,md}
     python -m benchmarks.host_overhead --repeats 5 --calls 2 --no-write   # a smoke run
+    python -m benchmarks.host_overhead --split         # per call and per step apart: results/host_overhead_split_cpu.md
+
+--split times each library at 0, 1 and 2 steps (wall clock, loops of --calls calls, the two
+back to back --repeats times) and reports the median difference fastadv - torchattacks per call:
+at 0 steps it is the work outside the steps, and its growth from 1 to 2 steps the work per step.
 
 Cases: ``mlp-b1`` (fastadv.models.MLP on 1x8x8, batch 1) and ``cnn-b8`` (fastadv.models.SmallCNN
 on 1x8x8, batch 8), both in eval mode, eps 8/255, alpha 2/255, random start.
@@ -116,6 +121,33 @@ def measure(name, *, steps, repeats, calls, warmup):
     }
 
 
+def split(name, *, repeats, calls, warmup):
+    """Median per-call differences fastadv - torchattacks (us) at 0, 1 and 2 steps."""
+    import torchattacks
+
+    import fastadv
+
+    model, x, y = make_case(name)
+    out = {}
+    for steps in (0, 1, 2):
+        fa = fastadv.PGD(model, eps=8 / 255, alpha=2 / 255, steps=steps)
+        ta = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=steps)
+        for _ in range(warmup):
+            fa(x, y), ta(x, y)
+        diffs = []
+        for r in range(repeats):
+            times = {}
+            for lib, atk in ((("fa", fa), ("ta", ta)) if r % 2 == 0 else (("ta", ta), ("fa", fa))):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    atk(x, y)
+                times[lib] = (time.perf_counter() - t0) / calls * 1e6
+            diffs.append(times["fa"] - times["ta"])
+        out[steps] = timing.summary(diffs)
+    return {"case": name, "outside_steps_us": out[0][0], "first_step_us": out[1][0] - out[0][0],
+            "per_step_us": out[2][0] - out[1][0], "spread_0": f"{out[0][1]:.0f} to {out[0][2]:.0f}"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
@@ -126,9 +158,27 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-json", default=str(results.RESULTS_DIR / "host_overhead_cpu.json"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--split", action="store_true", help="the work outside the steps and per step, apart")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     env = results.environment(torch.device("cpu"))
+    if args.split:
+        rows = [split(c.strip(), repeats=args.repeats, calls=args.calls, warmup=args.warmup)
+                for c in args.cases.split(",") if c.strip()]
+        table = results.table([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                              [("case", "case"), ("fastadv - torchattacks outside the steps, us", "outside_steps_us"),
+                               ("p20 to p80", "spread_0"), ("in the first step, us", "first_step_us"),
+                               ("per later step, us", "per_step_us")])
+        print(table)
+        if not args.no_write:
+            path = results.RESULTS_DIR / "host_overhead_split_cpu.md"
+            path.write_text(f"# Host work per call and per step, apart (CPU)\n\n`python -m benchmarks.host_overhead "
+                            f"{' '.join(argv if argv is not None else sys.argv[1:])}` — {env['device']}; commit "
+                            f"{env['commit']}; torch {env['torch']}; python {env['python']}; {env['date']}\n\n"
+                            "PGD with eps 8/255, alpha 2/255; medians of per-call differences (wall clock), the two "
+                            "libraries back to back, alternating.\n\n" + table + "\n")
+            print(f"wrote {path}", file=sys.stderr)
+        return rows
     rows = []
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
         if name not in CASES:
