@@ -430,7 +430,7 @@ class CycleWatch:
         """Of the rows (numpy), those whose entry `mine` ([len(rows)] ring entries, flat store rows)
         equals, bit for bit, the row of `others` ([len(rows), ...] tensor) (one small sync)."""
         dev = self.store.device
-        entries = _flat_bits(self.store.index_select(0, torch.as_tensor(mine, device=dev)))
+        entries = _flat_bits(self.store.index_select(0, on_device(mine, dev)))
         return rows[np.array((entries == _flat_bits(others)).all(1).tolist(), dtype=bool)]
 
     def resolve(self, period, home_back, age, limit, *, finish_long=True):
@@ -445,7 +445,7 @@ class CycleWatch:
         if len(rows):
             current = self.clock % h * self.rows + rows
             entries = (self.clock - period[rows]) % h * self.rows + rows
-            rows = self._verified(rows, current, self.store.index_select(0, torch.as_tensor(entries, device=dev)))
+            rows = self._verified(rows, current, self.store.index_select(0, on_device(entries, dev)))
             closed[rows] = True
         if closed.any():
             rows = np.flatnonzero(closed)
@@ -458,7 +458,7 @@ class CycleWatch:
         rows = np.flatnonzero((home_back >= 0) & ~closed)
         if len(rows):
             entries = (self.clock - home_back[rows]) % h * self.rows + rows
-            rows = self._verified(rows, entries, self.anchor.index_select(0, torch.as_tensor(rows, device=dev)))
+            rows = self._verified(rows, entries, self.anchor.index_select(0, on_device(rows, dev)))
             if len(rows) and not finish_long:
                 closed[rows] = True
             elif len(rows):
