@@ -7,7 +7,8 @@ Three parts, each timed with the variants alternating (the order reverses every 
   the model, padding slots included), median time, torch.equal with torchattacks.
 - ``eval``: fastadv.evaluate with exits and with exits=False on the same slots: per stage
   the gradient evaluations, the slots' occupancy while points waited to be admitted and in
-  the tail, median time, and whether every per-sample flag agrees.
+  the tail, median time (and the median of the ratios of rounds that ran the two back to
+  back), and whether every per-sample flag agrees.
 - ``anchor``: the cycle exit with and without its power-of-two anchor (periods longer than
   the ring of 16 iterates), at the model's step size and at eps / 40.
 - ``invariance``: does a sample's logits and input gradient stay bit-identical when the
@@ -155,6 +156,9 @@ def part_eval(model, x, y, eps, attacks, *, size, repeats, device):
              "exit_ms": statistics.median(on_ms), "plain_ms": statistics.median(off_ms)}
     total["grads_fraction"] = total["exit_grads"] / total["plain_grads"] if total["plain_grads"] else None
     total["time_fraction"] = total["exit_ms"] / total["plain_ms"]
+    # each round runs the two back to back: their ratio there is free of the machine's slower drifts
+    paired = timing.summary([a / b for a, b in zip(on_ms, off_ms)])
+    total["time_paired"], total["time_paired_spread"] = paired[0], f"{paired[1]:.2f}-{paired[2]:.2f}"
     return rows + [total]
 
 
@@ -209,7 +213,8 @@ EVAL_COLUMNS = [("model", "model"), ("eps", "eps"), ("attacks", "attacks"), ("st
                 ("grads/point", "exit_grads_per_point"), ("grads/point, no exit", "plain_grads_per_point"),
                 ("occupancy admitting", "occupancy_admitting"), ("occupancy tail", "occupancy_tail"),
                 ("s", "exit_s"), ("s, no exit", "plain_s"), ("ms total", "exit_ms"), ("ms total, no exit", "plain_ms"),
-                ("time fraction", "time_fraction"), ("flags equal", "flags_equal")]
+                ("time fraction", "time_fraction"), ("time, median of paired rounds", "time_paired"),
+                ("paired p20-p80", "time_paired_spread"), ("flags equal", "flags_equal")]
 ANCHOR_COLUMNS = [("model", "model"), ("steps", "steps"), ("alpha", "alpha"), ("slots", "slots"),
                   ("grads/sample, ring + anchor", "anchor_grads"), ("grads/sample, ring only", "ring_grads"),
                   ("ms, ring + anchor", "anchor_ms"), ("ms, ring only", "ring_ms"), ("equal", "equal")]
