@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 # How often, in steps, the scheduler asks the device which slots exit (one host sync each):
-# CHECK_EVERY steps after a check that let samples go, twice as far apart after each check
-# that found none, up to CHECK_EVERY_MAX. A late exit costs the sample's extra steps; a
-# check costs host work (and on CUDA a sync, which stalls the launch queue). Where samples
-# leave often the checks stay close; where nothing settles they thin out
+# from every CHECK_EVERY steps, twice as far apart after each check that found no exit (up to
+# CHECK_EVERY_MAX), half as far after each that found one. A late exit costs the sample's
+# extra steps; a check costs host work (and on CUDA a sync, which stalls the launch queue).
+# Where samples leave often the checks stay close; where they seldom do, the checks thin out
 # (benchmarks/bench_slots.py measures both on the CPU; the CUDA values are not yet measured).
 CHECK_EVERY = {"cpu": 1, "cuda": 4}
 CHECK_EVERY_MAX = {"cpu": 8, "cuda": 16}
@@ -217,7 +217,8 @@ def run(program, units, *, check_every=None, device=None, on_unit_done=None, shr
             polled = program.poll(age, limit)  # may lower limit
             if polled is not None:
                 exits |= live & (polled | (age >= limit))
-            interval = base if polled is not None and (live & polled).any() else min(2 * interval, ceiling)
+            found = polled is not None and (live & polled).any()
+            interval = max(base, interval // 2) if found else min(2 * interval, ceiling)
         if exits.any():
             retire(np.flatnonzero(exits).tolist())
             if shrink and not queue and not source_open and 0 < (age >= 0).sum() < size:
@@ -604,6 +605,8 @@ class Iterations:
         # a fooled sample that retires now keeps its result; the cycle's final iterate is
         # written only for the others (flags need no iterate: every one of the cycle was seen)
         period, home = np.where(exits, 0, period), np.where(exits, -1, home)
+        if not (period.any() or (home >= 0).any()):  # no fingerprint matched: nothing to verify
+            return exits
         return exits | self.watch.resolve(period, home, age, limit, finish_long=self.result != "flags")
 
     def retire(self, rows, phase, positions):

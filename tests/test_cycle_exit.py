@@ -202,7 +202,7 @@ def test_slots_land_on_the_iterate_each_period_implies_with_checks_apart(steps, 
 
 def test_slot_checks_thin_out_while_nothing_settles():
     """The default schedule: a check after the first step, then twice as far apart after each check
-    that let no sample go, up to CHECK_EVERY_MAX (samples whose steps ran out leave without one)."""
+    that found no exit, up to CHECK_EVERY_MAX (samples whose steps ran out leave without one)."""
     start = torch.zeros(4, 2)
     per_sample = {"tail": torch.zeros(4, dtype=torch.long), "period": torch.full((4,), 1000)}
     program = slots.Iterations(size=2, steps=41, update=ticker, make_grad=Countdown().on_slots, cycle_exit=True)
