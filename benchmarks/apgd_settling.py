@@ -29,7 +29,8 @@ class WatchedAPGD(APGDSlots):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.first_fixed, self.moved = None, []
+        self.first_fixed = np.full(self.size, -1)  # the age at which each slot first sat on a fixed point
+        self.moved = []
 
     def _update(self, age, live, fresh):
         s = self.s
@@ -38,8 +39,6 @@ class WatchedAPGD(APGDSlots):
         flat = lambda t: t.reshape(t.shape[0], -1)  # noqa: E731
         moved = (flat(s.x_adv) != flat(before)).sum(1)
         fixed = (moved == 0) & (flat(before) == flat(old)).all(1) & (flat(before) == flat(best)).all(1)
-        if self.first_fixed is None:
-            self.first_fixed = np.full(self.size, -1)
         newly = fixed.numpy() & (self.first_fixed < 0)
         self.first_fixed[newly] = age[newly]
         if (age < self.n_iter).any():  # an update ran (none after the last iteration)

@@ -357,20 +357,15 @@ class CycleWatch:
 
     def _fingerprint(self):
         """The fingerprints of the iterates written since the last ones: one product per
-        contiguous run of the ring (at most two)."""
+        contiguous run of ring positions (two where the run wraps round the ring's end)."""
         h, rows = self.history, self.rows
         first = max(self.printed + 1, self.clock - h + 1)
-        positions = [c % h for c in range(first, self.clock + 1)]
-        runs = [[positions[0], positions[0]]] if positions else []
-        for p in positions[1:]:
-            if p == runs[-1][1] + 1:
-                runs[-1][1] = p
-            else:
-                runs.append([p, p])
-        for lo, hi in runs:
-            block = _flat(self.store[lo * rows:(hi + 1) * rows])
-            torch.mv(block if block.dtype == self.print_dtype else block.to(self.print_dtype), self.weights,
-                     out=self.prints[lo:hi + 1].view(-1))
+        lo, n = first % h, self.clock + 1 - first
+        for a, b in ((lo, min(lo + n, h)), (0, lo + n - h)):  # [a, b) positions; the second may be empty
+            if b > a:
+                block = _flat(self.store[a * rows:b * rows])
+                torch.mv(block if block.dtype == self.print_dtype else block.to(self.print_dtype), self.weights,
+                         out=self.prints[a:b].view(-1))
         self.printed = self.clock
 
     def _save_anchors(self, age):

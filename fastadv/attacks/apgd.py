@@ -419,7 +419,7 @@ class APGDSlots:
             print("iteration: {} - Best loss: {:.6f}".format(int(age[live][0]) - 1, s.loss_best.sum()))
         if running.any:
             self._checkpoint(age, running.host)
-        self._update(age, live, fresh.host)
+        self._update(age, live, fresh)
 
     def _checkpoint(self, age, running):
         """The checkpoint of the slots whose iteration ends one: halve the step where the loss
@@ -450,9 +450,9 @@ class APGDSlots:
         moving = live & (age < self.n_iter)
         if not moving.any():
             return
-        x_next = self._move(1.0 if fresh.all() else 0.75, out=s.spare)
-        if fresh.any() and not fresh.all():  # a fresh run's first update has no momentum (a = 1)
-            rows = slots.on_device(np.flatnonzero(fresh), s.y.device)
+        x_next = self._move(1.0 if fresh.all else 0.75, out=s.spare)
+        if fresh.any and not fresh.all:  # a fresh run's first update has no momentum (a = 1)
+            rows = slots.on_device(np.flatnonzero(fresh.host), s.y.device)
             x_next.index_copy_(0, rows, self._move(1.0, rows))
         s.spare, s.x_old, s.x_adv = s.x_old, s.x_adv, x_next
 
