@@ -135,6 +135,36 @@ def test_apgd_on_slots_equals_torchattacks(robust_cnn, test_set):
         assert_equal(ours, ref, f"{cls} {kw} on 16 slots")
 
 
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.2), ("L2", 0.6)])
+def test_apgd_runs_out_of_step_keep_every_number(robust_cnn, test_set, norm, eps):
+    """Fooled samples leave and refills start their runs mid-way, so the slots sit at different
+    iterations and checkpoints: every still-robust sample's best point and loss, and every
+    sample's flag and first fooling iterate, equal those of the same slots run in step."""
+    from fastadv.attacks.apgd import APGDSlots
+
+    x, y = test_set[0][:70], test_set[1][:70]
+    results, ages = {}, set()
+    for exits in (False, True):
+        program = APGDSlots(robust_cnn, size=16, norm=norm, n_iter=30, n_restarts=1, loss="ce", fooled_exit=exits,
+                            first_fooled=True, keep_best=True)
+        step = program.step
+
+        def recorded(age, step=step):
+            ages.add(len(set(age[age >= 0].tolist())))
+            return step(age)
+
+        program.step = recorded
+        unit = slots.Unit(70, {"x": x, "y": y, "eps": torch.full((70,), eps), "generator": torch.Generator().manual_seed(0)})
+        slots.run(program, [unit])
+        results[exits] = unit.results
+    robust = results[False]["robust"]
+    assert 10 < int(robust.sum()) < 60 and max(ages) > 2, (int(robust.sum()), ages)  # both kinds, out of step
+    assert_equal(results[True]["robust"], robust, "flags")
+    assert_equal(results[True]["x_best_adv"], results[False]["x_best_adv"], "first fooling iterates")
+    for name in ("x_best", "loss_best"):
+        assert_equal(results[True][name][robust], results[False][name][robust], f"{name} of the robust samples")
+
+
 def test_training_mode_turns_the_exit_off_with_a_warning(trained_models, test_set):
     """Dropout in training mode mixes nothing here, but its draws depend on the batch: no exit."""
     net = torch.nn.Sequential(torch.nn.Dropout(0.1), trained_models["mlp"])

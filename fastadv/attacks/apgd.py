@@ -263,7 +263,7 @@ class APGDSlots:
 
     Every slot carries its own run: iteration index (the slot's age), step size, momentum
     (the previous iterate), best point, loss and gradient, last misclassified point and
-    checkpoint history (the running count of loss increases), so samples at different
+    checkpoint state (the running count of loss increases), so samples at different
     iterations share each model call and a refilled slot starts its run at once. The
     arithmetic per sample is apgd's, op for op; where every slot is at the same iteration
     (a single batch, no refills) the masks fall away and the ops are exactly the plain loop's.
@@ -351,7 +351,7 @@ class APGDSlots:
         s.reduced_last_check = torch.ones(b, dtype=torch.bool, device=dev)
         s.robust = torch.zeros(b, dtype=torch.bool, device=dev)
         s.increases = torch.zeros(b, dtype=torch.long, device=dev)  # the running count of loss increases
-        s.history = torch.zeros(self.n_iter + 1, b, dtype=torch.long, device=dev)  # that count after each iteration
+        s.increases_at_check = torch.zeros(b, dtype=torch.long, device=dev)  # that count at the last checkpoint
         s.zero_grad = torch.zeros(b, dtype=torch.bool, device=dev)
         s.objective = _Objective(self.forward, s.y, self.loss, y_target=s.y_target, eot_iter=self.eot_iter,
                                  arithmetic=self.arithmetic, check=self.check, precision=self.precision)
@@ -374,7 +374,7 @@ class APGDSlots:
         s.reduced_last_check = s.reduced_last_check.index_fill(0, dev_rows, True)
         s.last_loss = s.last_loss.index_fill(0, dev_rows, 0.0)
         s.increases = s.increases.index_fill(0, dev_rows, 0)
-        s.history[0].index_fill_(0, dev_rows, 0)  # the count before the run's first iteration
+        s.increases_at_check = s.increases_at_check.index_fill(0, dev_rows, 0)
 
     # -- one iteration of every slot -------------------------------------------------------------
 
@@ -394,12 +394,6 @@ class APGDSlots:
             if self.n_iter == 1:  # the reference compares iteration 0 with loss_steps[-1], itself then
                 increased = torch.zeros_like(increased)
             s.increases = running.select(s.increases + increased, s.increases)
-            ages = age[running.host]
-            if running.all and (ages == ages[0]).all():  # one iteration for every slot: a row of history
-                s.history[int(ages[0])].copy_(s.increases)
-            else:
-                rows = slots.on_device(np.flatnonzero(running.host), dev)
-                s.history[slots.on_device(ages, dev), rows] = s.increases.index_select(0, rows)
             s.last_loss = running.select(loss.float(), s.last_loss)
             improved = running.restrict(loss > s.loss_best)
             fooled = ~pred
@@ -423,27 +417,30 @@ class APGDSlots:
 
     def _checkpoint(self, age, running):
         """The checkpoint of the slots whose iteration ends one: halve the step where the loss
-        rose too rarely in the window, and restart those from the best point. Only the slots
-        at a checkpoint are read and written (after refills, some slot is at one most steps)."""
+        rose too rarely since the slot's last checkpoint (the reference's windows lie back to
+        back, so that count is the running count's growth since then), and restart those from
+        the best point. Full-width ops, kept to the slots at a checkpoint by a mask (after
+        refills some slot is at one most steps: indexing those rows took more ops)."""
         s = self.s
         i = np.where(running, age - 1, 0)
-        window = np.where(running, self.window[i], 0)
-        at = window > 0
-        if not at.any():
+        at = _Rows(running & (self.window[i] > 0), s.y.device)
+        if not at.any:
             return
-        dev = s.y.device
-        rows = slots.on_device(np.flatnonzero(at), dev)
-        increases = s.increases[rows] - s.history[slots.on_device(age[at] - window[at], dev), rows]
-        loss_best = s.loss_best[rows]
-        reduce = increases <= slots.on_device(self.threshold[i[at]], dev)
-        reduce = reduce | (~s.reduced_last_check[rows] & (s.loss_best_last_check[rows] >= loss_best))
-        s.reduced_last_check = s.reduced_last_check.index_copy(0, rows, reduce)
-        s.loss_best_last_check = s.loss_best_last_check.index_copy(0, rows, loss_best)
-        step = s.step[rows]
-        s.step = s.step.index_copy(0, rows, torch.where(reduce, step / 2.0, step))
+        threshold = self.threshold[i][at.host]
+        if (threshold != threshold[0]).any():  # slots at different checkpoints (after refills)
+            threshold = slots.on_device(np.where(at.host, self.threshold[i], 0), s.y.device)
+        else:
+            threshold = int(threshold[0])
+        reduce = (s.increases - s.increases_at_check <= threshold) | \
+            (~s.reduced_last_check & (s.loss_best_last_check >= s.loss_best))
+        reduce = at.restrict(reduce)
+        s.reduced_last_check = at.select(reduce, s.reduced_last_check)
+        s.loss_best_last_check = at.select(s.loss_best, s.loss_best_last_check)
+        s.increases_at_check = at.select(s.increases, s.increases_at_check)
+        s.step = torch.where(reduce, s.step / 2.0, s.step)
         reset = _column(reduce, s.x_adv)
-        s.x_adv.index_copy_(0, rows, torch.where(reset, s.x_best[rows], s.x_adv[rows]))
-        s.grad.index_copy_(0, rows, torch.where(reset, s.grad_best[rows], s.grad[rows]))
+        torch.where(reset, s.x_best, s.x_adv, out=s.x_adv)
+        torch.where(reset, s.grad_best, s.grad, out=s.grad)
 
     def _update(self, age, live, fresh):
         s = self.s
@@ -474,9 +471,8 @@ class APGDSlots:
         rows = rows.to(dev)
         b = s.y.shape[0]
         for name, value in vars(s).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b and name != "history":
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b:
                 setattr(s, name, value.index_select(0, rows))
-        s.history = s.history.index_select(1, rows)
         s.objective.y, s.objective.y_target = s.y, s.y_target
         self.size = rows.numel()
 
