@@ -31,6 +31,7 @@ import torch
 
 from . import models as bench_models
 from . import results, timing
+from .host_overhead import ops_of
 
 CASES = {"digits-cnn": (0.2, 0.05), "digits-cnn-plain": (0.2, 0.05), "robust-resnet18": (8 / 255, 2 / 255)}
 
@@ -131,10 +132,14 @@ def part_anchor(model, x, y, eps, alpha, *, steps, size, repeats, device):
 def part_eval(model, x, y, eps, attacks, *, size, repeats, device):
     import fastadv
 
-    runs = alternate({
+    variants = {
         exits: (lambda exits=exits: fastadv.evaluate(model, x, y, attacks, eps=eps, batch_size=size, exits=exits))
         for exits in (True, False)
-    }, repeats, device)
+    }
+    runs = alternate(variants, repeats, device)
+    ops = {exits: ops_of(call) for exits, call in variants.items()}  # one more untimed run each
+    calls = {exits: sum((sa.get("slots") or {}).get("calls", 0) for a in res["attacks"] for sa in a.get("stages", [a]))
+             for exits, (res, _) in runs.items()}
     (on, on_ms), (off, off_ms) = runs[True], runs[False]
     rows = []
     for a, b in zip(on["attacks"], off["attacks"]):
@@ -155,6 +160,10 @@ def part_eval(model, x, y, eps, attacks, *, size, repeats, device):
              "exit_grads": sum(r["exit_grads"] for r in rows), "plain_grads": sum(r["plain_grads"] for r in rows),
              "exit_ms": statistics.median(on_ms), "plain_ms": statistics.median(off_ms)}
     total["grads_fraction"] = total["exit_grads"] / total["plain_grads"] if total["plain_grads"] else None
+    # the bookkeeping of exits in numbers that do not drift: every ATen op of the run (model,
+    # attack, checks, refills, the clean pass) per model call of the slot stages
+    if calls[True] and calls[False]:
+        total["ops_per_call"] = f"{ops[True] / calls[True]:.1f} / {ops[False] / calls[False]:.1f}"
     total["time_fraction"] = total["exit_ms"] / total["plain_ms"]
     # each round runs the two back to back: their ratio there is free of the machine's slower drifts
     paired = timing.summary([a / b for a, b in zip(on_ms, off_ms)])
@@ -214,7 +223,8 @@ EVAL_COLUMNS = [("model", "model"), ("eps", "eps"), ("attacks", "attacks"), ("st
                 ("occupancy admitting", "occupancy_admitting"), ("occupancy tail", "occupancy_tail"),
                 ("s", "exit_s"), ("s, no exit", "plain_s"), ("ms total", "exit_ms"), ("ms total, no exit", "plain_ms"),
                 ("time fraction", "time_fraction"), ("time, median of paired rounds", "time_paired"),
-                ("paired p20-p80", "time_paired_spread"), ("flags equal", "flags_equal")]
+                ("paired p20-p80", "time_paired_spread"), ("ATen ops per slot call, exits / no exit", "ops_per_call"),
+                ("flags equal", "flags_equal")]
 ANCHOR_COLUMNS = [("model", "model"), ("steps", "steps"), ("alpha", "alpha"), ("slots", "slots"),
                   ("grads/sample, ring + anchor", "anchor_grads"), ("grads/sample, ring only", "ring_grads"),
                   ("ms, ring + anchor", "anchor_ms"), ("ms, ring only", "ring_ms"), ("equal", "equal")]
