@@ -195,7 +195,8 @@ def main(argv=None):
 
         path = pathlib.Path(args.out_json)
         path.write_text(json.dumps(rows, indent=1) + "\n")
-        md = [f"# Host work per call (CPU)\n", f"`python -m benchmarks.host_overhead` — env 1: {env['device']}; "
+        command = " ".join(["python -m benchmarks.host_overhead", *(sys.argv[1:] if argv is None else argv)])
+        md = [f"# Host work per call (CPU)\n", f"`{command}` — env 1: {env['device']}; "
               f"commit {env['commit']}; torch {env['torch']}; python {env['python']}; {env['date']}\n",
               results.table(rows, COLUMNS), ""]
         path.with_suffix(".md").write_text("\n".join(md))
