@@ -137,7 +137,8 @@ def part_eval(model, x, y, eps, attacks, *, size, repeats, device):
         for exits in (True, False)
     }
     runs = alternate(variants, repeats, device)
-    ops = {exits: ops_of(call) for exits, call in variants.items()}  # one more untimed run each
+    # one more untimed run each, on the CPU (the counts are the host's work, the same on a GPU)
+    ops = {exits: ops_of(call) for exits, call in variants.items()} if device.type == "cpu" else None
     calls = {exits: sum((sa.get("slots") or {}).get("calls", 0) for a in res["attacks"] for sa in a.get("stages", [a]))
              for exits, (res, _) in runs.items()}
     (on, on_ms), (off, off_ms) = runs[True], runs[False]
@@ -162,7 +163,7 @@ def part_eval(model, x, y, eps, attacks, *, size, repeats, device):
     total["grads_fraction"] = total["exit_grads"] / total["plain_grads"] if total["plain_grads"] else None
     # the bookkeeping of exits in numbers that do not drift: every ATen op of the run (model,
     # attack, checks, refills, the clean pass) per model call of the slot stages
-    if calls[True] and calls[False]:
+    if ops is not None and calls[True] and calls[False]:
         total["ops_per_call"] = f"{ops[True] / calls[True]:.1f} / {ops[False] / calls[False]:.1f}"
     total["time_fraction"] = total["exit_ms"] / total["plain_ms"]
     # each round runs the two back to back: their ratio there is free of the machine's slower drifts
@@ -189,7 +190,8 @@ def part_invariance(model, x, y, *, size, device):
     others = torch.rand(x.shape, generator=g).to(device)
     perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(size - 1, generator=g)]).to(device)
     rows = []
-    saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         for det in (False, True):
             torch.use_deterministic_algorithms(det, warn_only=True)
@@ -206,7 +208,7 @@ def part_invariance(model, x, y, *, size, device):
                          "permuted_equal": all(torch.equal(u, v) for u, v in zip(permuted, base)),
                          "batch_sizes_that_differ": ",".join(map(str, differ)) or "none"})
     finally:
-        torch.use_deterministic_algorithms(saved[0])
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[2])
         torch.backends.cudnn.deterministic = saved[1]
     return rows
 

@@ -23,9 +23,11 @@
 #                 their GPU batches (256, 128, 64, 256), exact + fast
 #        b512     PGD-10 at batch 512 on ResNet-18 and WRN-28-10, exact + fast
 #        aa       AutoAttack (standard) on the robust ResNet-18 at batch 500 vs pyautoattack
-#        slots    fixed-shape slots on CUDA: a sample's numbers at a fixed shape (small CNN, robust
-#                 ResNet-18, deterministic on and off), PGD-100/1000 on 64 slots vs torchattacks, and
-#                 evaluate's PGD-100, APGD-CE and AutoAttack with and without exits; slots_<device>.*
+#        slots    fixed-shape slots on CUDA: the gpu-marked slot tests, a sample's numbers at a fixed
+#                 shape (digits CNN, robust ResNet-18, deterministic on and off), PGD-100/1000 on 64 slots
+#                 vs torchattacks (digits CNN), evaluate with and without exits: PGD-100, APGD-CE and
+#                 their cascade (digits CNN), PGD-100, PGD-1000 and AutoAttack (robust ResNet-18, 256
+#                 images); slots_<device>.*
 #        plot     bar charts of every results file
 #
 # Machines without the reference libraries: put their wheels in .whl/ first (ignored by git)
@@ -78,8 +80,13 @@ part() {
                      --modes exact --repeats 2 --warmup 0 --quiet ;;
         slots)   "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_slots.py ||
                      { echo "gpu.sh slots: gpu tests FAILED; the benchmark runs anyway" >&2; FAILED=1; }
-                 "$PY" -m benchmarks.bench_slots --device cuda --models digits-cnn,robust-resnet18 --n 449 \
-                     --attacks "pgd-100;apgd-ce;pgd-100,apgd-ce;autoattack" --repeats 2 ;;
+                 # several short runs, each writing its rows: a timeout loses only the run it hit
+                 "$PY" -m benchmarks.bench_slots --device cuda --parts invariance --models digits-cnn,robust-resnet18
+                 "$PY" -m benchmarks.bench_slots --device cuda --parts pgd --models digits-cnn --repeats 1
+                 "$PY" -m benchmarks.bench_slots --device cuda --parts eval --models digits-cnn \
+                     --attacks "pgd-100;apgd-ce;pgd-100,apgd-ce" --repeats 3
+                 "$PY" -m benchmarks.bench_slots --device cuda --parts eval --models robust-resnet18 --n 256 \
+                     --attacks "pgd-100;pgd-1000;autoattack" --repeats 1 ;;
         plot)    "$PY" -m benchmarks.plot benchmarks/results ;;
         *)       echo "unknown part '$1' (quick, tests, kernels, small, digits, large, b512, aa, slots, plot, all)" >&2; return 2 ;;
     esac
@@ -90,7 +97,7 @@ PARTS=()
 for a in "$@"; do
     if [ "$a" = --dry-run ]; then DRY_RUN=1; else PARTS+=("$a"); fi
 done
-[ ${#PARTS[@]} -gt 0 ] || { sed -n '2,31p' "$0"; exit 2; }
+[ ${#PARTS[@]} -gt 0 ] || { sed -n '2,33p' "$0"; exit 2; }
 [ "$DRY_RUN" = 0 ] || [ "${PARTS[*]}" = quick ] || { echo "--dry-run goes with quick only" >&2; exit 2; }
 SECONDS=0
 FAILED=0

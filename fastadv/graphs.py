@@ -28,7 +28,8 @@ What a capture bakes in, and so what invalidates it:
 
 - ``key``: everything the step's arithmetic depends on that is not in a buffer: shapes,
   dtypes, layouts and devices of the inputs (``tensor_key``), scalar budgets, options, the
-  step's code (``function_key``). The caller builds it; a different key is another graph.
+  step's code (``function_key``), the global cuDNN, TF32 and determinism settings
+  (``settings_key``). The caller builds it; a different key is another graph.
 - ``model_state(owner)``: the storage of every parameter and buffer, every module's
   mode and every parameter's requires_grad. A graph reads the weights where they were at
   capture: a parameter updated in place (an optimizer step) is read anew by every replay,
@@ -109,6 +110,15 @@ def owner_of(forward):
     if isinstance(module, nn.Module):
         return module
     return owner if owner is not None else forward
+
+
+def settings_key() -> tuple:
+    """The global settings a capture's kernels were chosen under: a replay keeps the kernels
+    (cuDNN's algorithms, TF32 or not) whatever the settings are by then."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    return (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32,
+            matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction,
+            torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled())
 
 
 def model_state(owner) -> tuple:

@@ -100,7 +100,8 @@ def _graph_key(update, grad, adv, per_sample, model):
         return None
     try:
         return (graphs.function_key(update), graphs.tensor_key(adv), grad.graph_key(), graphs.forward_key(model),
-                tuple((k, graphs.value_key(v)) for k, v in sorted(per_sample.items())), backend.KERNEL_DEVICE)
+                tuple((k, graphs.value_key(v)) for k, v in sorted(per_sample.items())), backend.KERNEL_DEVICE,
+                graphs.settings_key())
     except graphs.Uncacheable:
         return None
 

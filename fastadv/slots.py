@@ -37,6 +37,7 @@ The scheduler (``run``) is generic. A program, the attack's iteration on slots, 
 import dataclasses
 import heapq
 import itertools
+import warnings
 
 import numpy as np
 import torch
@@ -307,15 +308,14 @@ class CycleWatch:
     steps after it; then the slot goes on for the (T - t) mod p steps that bring it to the
     same final iterate.
 
-    Every iterate gets a fingerprint (a dot product of its values with fixed random weights:
-    deterministic at a fixed shape, so equal iterates get equal fingerprints), and a check
-    compares fingerprints, [history, B] numbers; only the rows whose fingerprints match are
-    compared bit for bit, and only a bitwise match closes a cycle (a NaN iterate never
-    matches: its cycle is simply not caught). A step costs no device work beyond writing its
-    iterate: the fingerprints of the iterates written since the last check, and the anchors
-    due since then, are taken at the check, in one pass (``fetch``). So the checks may be
-    up to ``history`` steps apart: every iterate is then still in the ring
-    at some check.
+    Every iterate gets a fingerprint (a dot product of its values with fixed random weights,
+    taken for the whole ring in one product of one shape, so equal iterates get equal
+    fingerprints), and a check compares fingerprints, [history, B] numbers; only the rows whose
+    fingerprints match are compared bit for bit, and only a bitwise match closes a cycle (a NaN
+    iterate never matches: its cycle is simply not caught). A step costs no device work beyond
+    writing its iterate: the fingerprints and the anchors due since the last check are taken at
+    the check, in one pass (``fetch``). So the checks may be up to ``history`` steps apart:
+    every iterate is then still in the ring at some check.
     """
 
     def __init__(self, adv: torch.Tensor, history: int, anchor: bool = True):
@@ -341,7 +341,6 @@ class CycleWatch:
         self.anchor_age = np.full(self.rows, -1, dtype=np.int64)
         self.anchored = anchor
         self.clock = 0  # the ring position of the current iterate
-        self.printed = -1  # the last clock whose iterates have their fingerprints
         self.checked_age = np.zeros(self.rows, dtype=np.int64)  # each slot's age at the last check
 
     @property
@@ -356,17 +355,14 @@ class CycleWatch:
         self.clock += 1
 
     def _fingerprint(self):
-        """The fingerprints of the iterates written since the last ones: one product per
-        contiguous run of ring positions (two where the run wraps round the ring's end)."""
-        h, rows = self.history, self.rows
-        first = max(self.printed + 1, self.clock - h + 1)
-        lo, n = first % h, self.clock + 1 - first
-        for a, b in ((lo, min(lo + n, h)), (0, lo + n - h)):  # [a, b) positions; the second may be empty
-            if b > a:
-                block = _flat(self.store[a * rows:b * rows])
-                torch.mv(block if block.dtype == self.print_dtype else block.to(self.print_dtype), self.weights,
-                         out=self.prints[a:b].view(-1))
-        self.printed = self.clock
+        """The fingerprints of every iterate in the ring, in one product of one shape: each row's
+        dot product then runs the same kernel with the same reduction at every check, on any
+        device (a product over only the iterates new since the last check would change shape
+        from check to check, and cuBLAS may sum a row in another order at another shape, so an
+        iterate and its repeat could get different fingerprints)."""
+        block = _flat(self.store)
+        torch.mv(block if block.dtype == self.print_dtype else block.to(self.print_dtype), self.weights,
+                 out=self.prints.view(-1))
 
     def _save_anchors(self, age):
         """Per slot, the anchor due since the last check: its iterate at the newest power-of-two
@@ -389,10 +385,10 @@ class CycleWatch:
         self.anchor_age[rows] = power[rows]
 
     def fetch(self, age, flags=None):
-        """A check's one host read: the fingerprints of the iterates written since the last
-        check, the anchors due, and flags ([rows] bool on the device, the caller's, or None) go
-        to the host together. age: each slot's steps done (-1: empty). Returns (flags as a numpy
-        bool array or None, and match's period and home_back)."""
+        """A check's one host read: the ring's fingerprints, the anchors due, and flags ([rows]
+        bool on the device, the caller's, or None) go to the host together. age: each slot's
+        steps done (-1: empty). Returns (flags as a numpy bool array or None, and match's
+        period and home_back)."""
         self._fingerprint()
         if self.anchored:
             self._save_anchors(age)
@@ -464,12 +460,10 @@ class CycleWatch:
 
     def admit(self, rows: torch.Tensor):
         """New occupants (their start iterates are in the current buffer): forget their anchors;
-        their starts get fingerprints with the next check's (or now, if this step's are taken)."""
+        their starts get fingerprints with the next check's."""
         rows = rows.cpu().numpy()
         self.anchor_age[rows] = -1
         self.checked_age[rows] = 0
-        if self.printed >= self.clock:
-            self.printed = self.clock - 1
 
 
 # -- a fixed number of steps of one iterate: PGD, BIM, RFGSM, TPGD ------------------------------
@@ -658,6 +652,9 @@ def iterations(update, grad, adv, steps, per_sample, *, engine, model, backend_n
                         cuda_graph=engine.use_graph(adv, backend_name), model=model)
     from fastadv.engine import CYCLE_MIN_STEPS
 
+    if engine.use_graph(adv, backend_name):  # a slot step reads the scheduler's refills: not captured yet
+        warnings.warn("fastadv: cuda_graph is not used on fixed-shape slots (batch_size below the batch, or the "
+                      "cycle exit): the steps run eagerly", stacklevel=5)
     # the cycle exit from CYCLE_MIN_STEPS steps unless asked for: shorter runs rarely settle
     cycle_exit = engine.use_cycle_exit(model, deterministic) and (engine.cycle_exit or steps >= CYCLE_MIN_STEPS)
     return iterate(update, grad, adv, steps, per_sample, size=size,

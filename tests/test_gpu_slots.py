@@ -76,14 +76,18 @@ def test_a_sample_depends_on_the_shape_not_on_the_other_rows(name, det):
     assert all(torch.equal(u[0], v[0]) for u, v in zip(permuted, base)), "rows permuted"
 
 
-def test_evaluate_flags_with_and_without_exits_on_cuda():
+@pytest.mark.parametrize("det", [False, True], ids=["default", "deterministic"])
+def test_evaluate_flags_with_and_without_exits_on_cuda(det):
+    """The product's promise under the user's settings (default) and with deterministic cuDNN:
+    if only the second holds, evaluate must set it for its slot stages."""
     torch.manual_seed(0)
     model = SmallCNN(in_channels=3, n_classes=10, width=16, image_size=32).cuda().eval()
     g = torch.Generator().manual_seed(0)
     x = torch.rand((300, 3, 32, 32), generator=g)
     with torch.no_grad():
         y = model(x.cuda()).argmax(1).cpu()
-    reports = {e: fastadv.evaluate(model, x, y, ["pgd-50", "apgd-ce-20"], eps=8 / 255, batch_size=64, exits=e)
-               for e in (True, False)}
+    with deterministic(det):
+        reports = {e: fastadv.evaluate(model, x, y, ["pgd-50", "apgd-ce-20"], eps=8 / 255, batch_size=64, exits=e)
+                   for e in (True, False)}
     assert torch.equal(reports[True]["robust_flags"], reports[False]["robust_flags"])
     assert sum(a["backwards"] for a in reports[True]["attacks"]) <= sum(a["backwards"] for a in reports[False]["attacks"])

@@ -105,6 +105,19 @@ def test_what_a_capture_bakes_in_is_in_the_key(fake, setup):
                                           backend="torch", channels_last=atk.engine.channels_last)(xs, ys))
 
 
+def test_global_numerics_settings_are_in_the_key(fake, setup):
+    """A replay keeps the kernels its capture chose: cuDNN determinism or TF32 switched
+    after a capture means another graph."""
+    model, x, y = setup
+    atk = fastadv.PGD(model, eps=EPS, alpha=ALPHA, steps=4, cuda_graph=True)
+    graphed(atk, x, y)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        graphed(atk, x, y)
+    assert fake.captures == 2
+    graphed(atk, x, y)  # the settings back as they were: the first graph again
+    assert fake.captures == 2
+
+
 def test_targeted_mode_is_in_the_key(fake, setup):
     model, x, y = setup
     atk = fastadv.PGD(model, eps=EPS, alpha=ALPHA, steps=4, cuda_graph=True)
@@ -241,3 +254,13 @@ def test_a_failed_capture_runs_eagerly_and_marks_the_model_unless_memory_ran_out
             assert [str(w.message) for w in caught if "eagerly" in str(w.message)], caught
             assert torch.equal(out, eager(model, x, y))
             assert graphs.capturable(model) is not marked
+
+
+def test_slots_say_that_they_run_without_the_graph(fake, setup):
+    """batch_size below the batch runs on fixed-shape slots, whose steps are not captured: a
+    warning says so, and the result is the slots' eager one."""
+    model, x, y = setup
+    with pytest.warns(UserWarning, match="cuda_graph is not used on fixed-shape slots"):
+        out = graphed(fastadv.PGD(model, eps=EPS, alpha=ALPHA, steps=4, cuda_graph=True, batch_size=5), x, y)
+    assert fake.captures == 0
+    assert torch.equal(out, eager(model, x, y, batch_size=5))
