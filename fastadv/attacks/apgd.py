@@ -449,18 +449,17 @@ class APGDSlots:
             return
         x_next = self._move(1.0 if fresh.all else 0.75, out=s.spare)
         if fresh.any and not fresh.all:  # a fresh run's first update has no momentum (a = 1)
-            rows = slots.on_device(np.flatnonzero(fresh.host), s.y.device)
-            x_next.index_copy_(0, rows, self._move(1.0, rows))
+            # at full width, as in a batch that starts together: the same shape, the same bits
+            torch.where(_column(fresh.mask, x_next), self._move(1.0), x_next, out=x_next)
         s.spare, s.x_old, s.x_adv = s.x_old, s.x_adv, x_next
 
-    def _move(self, a, rows=None, out=None):
-        """The update of every slot (or of the slots rows names) with momentum weight a."""
+    def _move(self, a, out=None):
+        """The update of every slot with momentum weight a."""
         s = self.s
-        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        x_adv, x_old, x, grad, step, eps = (pick(t) for t in (s.x_adv, s.x_old, s.x, s.grad, s.step, s.eps))
+        x_adv, x_old, x, grad, step, eps = s.x_adv, s.x_old, s.x, s.grad, s.step, s.eps
         if self.norm == "Linf":
             return ops.apgd_linf_step(x_adv, x_old, x, grad, step=step, eps=eps, a=a, backend=self.backend, out=out)
-        if self.first_step_only:  # the first slot's step for every row (a single batch: rows is None)
+        if self.first_step_only:  # the first slot's step for every row (only ever a single batch)
             step = s.step[:1].expand(step.shape[0])
         return ops.apgd_l2_step(x_adv, x_old, x, grad, step=step, eps=eps, a=a, arithmetic=self.arithmetic,
                                 backend=self.backend, out=out)
