@@ -426,11 +426,12 @@ class APGDSlots:
         at = _Rows(running & (self.window[i] > 0), s.y.device)
         if not at.any:
             return
-        threshold = self.threshold[i][at.host]
-        if (threshold != threshold[0]).any():  # slots at different checkpoints (after refills)
-            threshold = slots.on_device(np.where(at.host, self.threshold[i], 0), s.y.device)
-        else:
-            threshold = int(threshold[0])
+        thresholds = self.threshold[i]
+        mine = thresholds[at.host]
+        if (mine == mine[0]).all():  # one checkpoint for all: a scalar, no transfer
+            threshold = int(mine[0])
+        else:  # slots at different checkpoints (after refills)
+            threshold = slots.on_device(np.where(at.host, thresholds, 0), s.y.device)
         reduce = (s.increases - s.increases_at_check <= threshold) | \
             (~s.reduced_last_check & (s.loss_best_last_check >= s.loss_best))
         reduce = at.restrict(reduce)
